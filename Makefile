@@ -1,0 +1,44 @@
+# Quick start: `make repro` (set up, fetch the data, run the pipeline), `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup data params repro test test-slow clean
+
+# The virtual environment, re-installed when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Fashion-MNIST into data/: from data/ itself, a DVC remote, Debian's package (installed here
+# when missing, as root where apt-get exists) or, last, Keras's download. md5 sums verified.
+data: setup
+	@$(BIN)/python -m pipeline.data.fetch --no-download 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; \
+	  fi; \
+	  $(BIN)/python -m pipeline.data.fetch; }
+	@$(BIN)/dvc commit --force --quiet data.dvc
+
+# params.yaml from conf/ plus overrides: make params ARGS='optimizer=rmsprop'
+params: setup
+	$(BIN)/python -m pipeline.params $(ARGS)
+
+repro: data
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+test: data
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(ARGS)
+
+test-slow: data
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m slow $(ARGS)
+
+clean:
+	rm -rf runs outputs

@@ -1,0 +1,48 @@
+"""`python -m pipeline [overrides]`: the four stages in-process on Hydra's composed config.
+
+    python -m pipeline optimizer=adam trainer.epochs=3
+    python -m pipeline -m optimizer=gd,momentum,rmsprop,adam      # a Hydra multirun
+
+Each run writes into its own folder under `runs/` (never over DVC's outputs) and logs one
+MLflow run to the project's store.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import build, evaluate, prepare, train, tracking
+from pipeline.config import Config, validate
+from pipeline.errors import PipelineError, fail
+
+ENTRY_POINT = "python -m pipeline"
+
+
+def run_stages(cfg: Config, root: Path, out_root: Path) -> dict:
+    """prepare -> build -> train -> evaluate, with inputs from `root`, outputs under `out_root`."""
+    prepare.run(cfg, root, out_root)
+    build.run(cfg, out_root)
+    train.run(cfg, root, out_root, ENTRY_POINT)
+    return evaluate.run(cfg, root, out_root)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(raw: DictConfig) -> float:
+    """Run the stages; return the test accuracy (the objective for Hydra sweepers)."""
+    out_root = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        cfg = validate(OmegaConf.to_container(raw, resolve=True))
+        metrics = run_stages(cfg, tracking.project_root(), out_root)
+    except PipelineError as err:
+        shutil.rmtree(out_root, ignore_errors=True)  # a failed run leaves no partial outputs
+        fail(err)
+    return metrics["test_accuracy"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Typed configuration: the schema behind `conf/` and `params.yaml`.
+
+Hydra composes the YAML files under `conf/`; DVC's stages read the composed `params.yaml`.
+Both paths end in :func:`validate`, which checks the plain dictionary against the dataclasses
+below, so an unknown key, a wrong type or an out-of-range value fails before any work is done,
+with one line that names the key, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PARAMS_FILE = "params.yaml"
+
+
+def _require(ok: bool, key: str, value: Any, rule: str, example: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {rule}; for example {key}={example}")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are split."""
+
+    name: str = "fashion_mnist"
+    path: str = "data"
+    limit: Optional[int] = None  # max examples per split; None = all
+    val_fraction: float = 0.1  # stratified share of the training set held out for validation
+    verify_md5: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.name in DATASETS, "data.name", self.name,
+                 f"unknown dataset; choose one of {', '.join(DATASETS)}", "fashion_mnist")
+        _require(self.limit is None or self.limit > 0, "data.limit", self.limit,
+                 "must be a positive number of examples per split, or null for all", "1000")
+        _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,
+                 "must lie strictly between 0 and 1", "0.1")
+
+
+DATASETS = ("fashion_mnist",)
+
+
+@dataclass
+class ModelConfig:
+    """A CNN: conv/pooling blocks, then fully connected layers, then the softmax output."""
+
+    name: str = "bn_cnn"
+    pad_input: int = 0  # zero padding around the input image (LeNet-5 pads 28x28 to 32x32)
+    filters: list[int] = field(default_factory=lambda: [32, 64])  # one conv block per entry
+    kernel_size: int = 3
+    convs_per_block: int = 1
+    padding: str = "same"
+    pooling: str = "max"
+    batch_norm: bool = True
+    activation: str = "relu"
+    dense_units: list[int] = field(default_factory=lambda: [128])
+    dropout: float = 0.25
+
+    def __post_init__(self) -> None:
+        names = model_presets()
+        _require(self.name in names, "model", self.name,
+                 f"unknown model; choose one of {', '.join(names)}", names[0])
+        _require(self.pad_input >= 0, "model.pad_input", self.pad_input, "must be >= 0", "0")
+        _require(all(f > 0 for f in self.filters), "model.filters", self.filters,
+                 "every block needs a positive number of filters", "[32,64]")
+        _require(self.kernel_size > 0, "model.kernel_size", self.kernel_size, "must be positive", "3")
+        _require(self.convs_per_block > 0, "model.convs_per_block", self.convs_per_block,
+                 "must be positive", "1")
+        _require(self.padding in ("same", "valid"), "model.padding", self.padding,
+                 "choose same or valid", "same")
+        _require(self.pooling in ("max", "avg"), "model.pooling", self.pooling,
+                 "choose max or avg", "max")
+        _require(self.activation in ACTIVATIONS, "model.activation", self.activation,
+                 f"choose one of {', '.join(ACTIVATIONS)}", "relu")
+        _require(all(u > 0 for u in self.dense_units), "model.dense_units", self.dense_units,
+                 "every dense layer needs a positive number of units", "[128]")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout,
+                 "must lie in [0, 1)", "0.25")
+
+
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "gelu", "swish")
+SCHEDULES = ("constant", "cosine", "exponential")
+
+
+@dataclass
+class OptimizerConfig:
+    """Fields every optimizer has; each option of the `optimizer` group adds its own."""
+
+    name: str = "gd"
+    learning_rate: float = 0.01
+    schedule: str = "constant"  # constant | cosine (to 0 over training) | exponential
+    decay_rate: float = 0.9  # exponential schedule: factor per epoch
+    clipnorm: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, "optimizer.learning_rate", self.learning_rate,
+                 "must be positive", "0.001")
+        _require(self.schedule in SCHEDULES, "optimizer.schedule", self.schedule,
+                 f"choose one of {', '.join(SCHEDULES)}", "cosine")
+        _require(0.0 < self.decay_rate <= 1.0, "optimizer.decay_rate", self.decay_rate,
+                 "must lie in (0, 1]", "0.9")
+        _require(self.clipnorm is None or self.clipnorm > 0, "optimizer.clipnorm", self.clipnorm,
+                 "must be positive or null", "1.0")
+
+
+@dataclass
+class GDConfig(OptimizerConfig):
+    """Plain (mini-batch) gradient descent: SGD without momentum."""
+
+    name: str = "gd"
+
+
+@dataclass
+class MomentumConfig(OptimizerConfig):
+    name: str = "momentum"
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(0.0 <= self.momentum < 1.0, "optimizer.momentum", self.momentum,
+                 "must lie in [0, 1)", "0.9")
+
+
+@dataclass
+class RMSPropConfig(OptimizerConfig):
+    name: str = "rmsprop"
+    learning_rate: float = 0.001
+    rho: float = 0.9
+    momentum: float = 0.0
+    epsilon: float = 1e-7
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(0.0 < self.rho < 1.0, "optimizer.rho", self.rho, "must lie in (0, 1)", "0.9")
+        _require(0.0 <= self.momentum < 1.0, "optimizer.momentum", self.momentum,
+                 "must lie in [0, 1)", "0.0")
+        _require(self.epsilon > 0, "optimizer.epsilon", self.epsilon, "must be positive", "1e-7")
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    name: str = "adam"
+    learning_rate: float = 0.001
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+    amsgrad: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("beta_1", "beta_2"):
+            value = getattr(self, key)
+            _require(0.0 <= value < 1.0, f"optimizer.{key}", value, "must lie in [0, 1)", "0.9")
+        _require(self.epsilon > 0, "optimizer.epsilon", self.epsilon, "must be positive", "1e-7")
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    name: str = "adamw"
+    weight_decay: float = 0.004
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay,
+                 "must be >= 0", "0.004")
+
+
+OPTIMIZERS: dict[str, type[OptimizerConfig]] = {
+    "gd": GDConfig,
+    "momentum": MomentumConfig,
+    "rmsprop": RMSPropConfig,
+    "adam": AdamConfig,
+    "adamw": AdamWConfig,
+}
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    precision: str = "float32"
+    deterministic: bool = True  # TensorFlow op determinism: bit-identical runs on CPU
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, "trainer.epochs", self.epochs, "must be a positive integer", "10")
+        _require(self.batch_size > 0, "trainer.batch_size", self.batch_size,
+                 "must be a positive integer", "128")
+        _require(self.precision in PRECISIONS, "trainer.precision", self.precision,
+                 f"choose one of {', '.join(PRECISIONS)}", "float32")
+
+
+@dataclass
+class MlflowConfig:
+    """Where runs are logged. A null tracking_uri means SQLite `mlflow.db` at the project root."""
+
+    tracking_uri: Optional[str] = None
+    experiment_name: str = "fashion-mnist-cnn"
+
+
+@dataclass
+class PathsConfig:
+    """Every file and folder the stages exchange, relative to the output root.
+
+    `dvc.yaml` reads the same keys through DVC templating, so each path is written once.
+    """
+
+    prepared: str = "outputs/prepared"
+    build: str = "outputs/build"
+    model: str = "outputs/train/model.keras"
+    history: str = "outputs/train/history.csv"
+    run: str = "outputs/train/mlflow_run.json"
+    metrics: str = "outputs/evaluate/metrics.json"
+    confusion: str = "outputs/evaluate/confusion.csv"
+    figures: str = "outputs/evaluate/figures"
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=AdamConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.seed >= 0, "seed", self.seed, "must be a non-negative integer", "42")
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a Hydra config group: the YAML files in `conf/<group>/`."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def model_presets() -> list[str]:
+    """Names of the model presets: the options of the Hydra group `model`."""
+    return group_options("model")
+
+
+def _schema_for(raw: dict[str, Any]) -> Config:
+    """The default config whose optimizer dataclass matches `optimizer.name` in `raw`."""
+    name = (raw.get("optimizer") or {}).get("name", "adam")
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer={name!r}: unknown optimizer; choose one of "
+                          f"{', '.join(OPTIMIZERS)}; for example optimizer=adam")
+    return Config(optimizer=OPTIMIZERS[name]())
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", "") or ""
+    msg = str(err).splitlines()[0]
+    if "not in" in msg or "Key '" in msg:
+        return f"unknown config key {key!r}; check the spelling against conf/ (see params.yaml)"
+    return f"{key}: {msg}; fix the value in params.yaml or on the command line"
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Check a plain config dictionary against the schema and return the typed config.
+
+    Raises:
+        ConfigError: one line naming the bad key or value and the fix.
+    """
+    schema = OmegaConf.structured(_schema_for(raw))
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        return OmegaConf.to_object(merged)  # runs each dataclass's __post_init__ checks
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(_one_line(err)) from None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain, ordered data (what `params.yaml` holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Config:
+    """Read and validate `params.yaml`, the composed config that DVC's stages use."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; write it with `python -m pipeline.params`")
+    with path.open() as f:
+        raw = yaml.safe_load(f) or {}
+    return validate(raw)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"optimizer": {"name": "adam"}}` -> `{"optimizer.name": "adam"}`; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat

@@ -1,0 +1,18 @@
+"""The in-memory form every data source produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Dataset:
+    """Images as uint8 arrays of shape (n, height, width, channels), labels as int class ids."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]

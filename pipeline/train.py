@@ -1,0 +1,200 @@
+"""Stage `train`: minimise the cost J with the optimizer the config chooses, log to MLflow.
+
+J = (1/m) Σ L(ŷ⁽ⁱ⁾, y⁽ⁱ⁾), the cross-entropy averaged over each mini-batch. Writes the trained
+model (`paths.model`), the per-epoch history (`paths.history`, a DVC plot) and the MLflow run
+id (`paths.run`) that `evaluate` adds the test metrics to.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from pipeline import backend, tracking
+from pipeline.build import MODEL_FILE, REPORT_JSON, REPORT_MD
+from pipeline.config import (AdamConfig, AdamWConfig, Config, MomentumConfig, OptimizerConfig,
+                             RMSPropConfig, load_params)
+from pipeline.errors import TrainingError, run_cli
+from pipeline.files import atomic_path, write_json, write_text
+from pipeline.prepare import read_split
+
+HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+COST_J = "sparse_categorical_crossentropy"  # averaged over the batch: the lecture's J
+
+
+def make_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int):
+    """The learning rate as a constant or as a Keras schedule over optimizer steps."""
+    if cfg.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, steps_per_epoch * epochs)
+    if cfg.schedule == "exponential":
+        return keras.optimizers.schedules.ExponentialDecay(
+            cfg.learning_rate, decay_steps=steps_per_epoch, decay_rate=cfg.decay_rate)
+    return cfg.learning_rate
+
+
+def make_optimizer(cfg: OptimizerConfig, steps_per_epoch: int = 1, epochs: int = 1):
+    """The Keras optimizer for one option of the `optimizer` group."""
+    lr = make_schedule(cfg, steps_per_epoch, epochs)
+    common: dict[str, Any] = {"learning_rate": lr, "clipnorm": cfg.clipnorm}
+    if isinstance(cfg, AdamWConfig):
+        return keras.optimizers.AdamW(beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon,
+                                      amsgrad=cfg.amsgrad, weight_decay=cfg.weight_decay, **common)
+    if isinstance(cfg, AdamConfig):
+        return keras.optimizers.Adam(beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon,
+                                     amsgrad=cfg.amsgrad, **common)
+    if isinstance(cfg, RMSPropConfig):
+        return keras.optimizers.RMSprop(rho=cfg.rho, momentum=cfg.momentum, epsilon=cfg.epsilon,
+                                        **common)
+    if isinstance(cfg, MomentumConfig):
+        return keras.optimizers.SGD(momentum=cfg.momentum, nesterov=cfg.nesterov, **common)
+    return keras.optimizers.SGD(momentum=0.0, **common)  # gd
+
+
+def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Adds the learning rate to the epoch logs, checks the loss, prints one line per epoch,
+    and hands the metrics to `log_metrics(metrics, step)` (MLflow) when given."""
+
+    def __init__(self, epochs: int, log_metrics=None):
+        super().__init__()
+        self.epochs = epochs
+        self.log_metrics = log_metrics
+        self.rows: list[dict[str, float]] = []
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        logs["learning_rate"] = current_learning_rate(self.model.optimizer)
+        row = {"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_FIELDS[1:] if k in logs}}
+        if not math.isfinite(row["loss"]):
+            raise TrainingError(f"the loss became {row['loss']} in epoch {epoch + 1}: training "
+                                "diverged; lower optimizer.learning_rate (e.g. by 10x)")
+        self.rows.append(row)
+        if self.log_metrics:
+            self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        seconds = time.perf_counter() - self._start
+        print(f"epoch {epoch + 1}/{self.epochs}  loss {row['loss']:.4f}  "
+              f"accuracy {row['accuracy']:.4f}  val_loss {row.get('val_loss', math.nan):.4f}  "
+              f"val_accuracy {row.get('val_accuracy', math.nan):.4f}  "
+              f"lr {row['learning_rate']:.3g}  {seconds:.1f}s", flush=True)
+
+
+def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+    model.compile(optimizer=optimizer, loss=COST_J, metrics=["accuracy"])
+
+
+def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
+          val_data: tuple[np.ndarray, np.ndarray], optimizer_cfg: OptimizerConfig,
+          epochs: int, batch_size: int, log_metrics=None) -> list[dict[str, float]]:
+    """Compile `model` with the configured optimizer and fit it; return the per-epoch rows.
+
+    Raises:
+        TrainingError: when the loss stops being finite.
+    """
+    steps_per_epoch = math.ceil(len(train_data[0]) / batch_size)
+    compile_model(model, make_optimizer(optimizer_cfg, steps_per_epoch, epochs))
+    log = EpochLog(epochs, log_metrics)
+    model.fit(*train_data, validation_data=val_data, epochs=epochs, batch_size=batch_size,
+              shuffle=True, callbacks=[log], verbose=0)
+    return log.rows
+
+
+def history_csv(rows: list[dict[str, float]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+@contextmanager
+def _example_folder_created():
+    """MLflow's Keras flavor writes `input_example.json` before it creates the model folder
+    and fails (mlflow/mlflow#16183); create the folder first, as the upstream fix does."""
+    from mlflow.keras import save as keras_save
+
+    original = keras_save._save_example
+
+    def save_example(mlflow_model, input_example, path, *args, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        return original(mlflow_model, input_example, path, *args, **kwargs)
+
+    keras_save._save_example = save_example
+    try:
+        yield
+    finally:
+        keras_save._save_example = original
+
+
+def log_model(model: keras.Model, x_example: np.ndarray) -> None:
+    """Log the model with a signature and an input example, with pinned requirements.
+
+    Giving `pip_requirements` spares MLflow several seconds of inferring them.
+    """
+    import mlflow
+    from importlib.metadata import version
+
+    example = x_example.astype(np.float32)
+    signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
+    with _example_folder_created():
+        mlflow.keras.log_model(
+            model, name="model", signature=signature, input_example=example,
+            pip_requirements=[f"keras=={version('keras')}",
+                              f"tensorflow=={version('tensorflow')}"])
+
+
+def run(cfg: Config, root: Path, out_root: Path, entry_point: str) -> str:
+    """Train the built model under one MLflow run; return the run id.
+
+    `root` holds the inputs (data, its `.dvc` file, the git checkout); stage files are read
+    from and written under `out_root`.
+    """
+    backend.configure(cfg.seed, cfg.trainer.deterministic, cfg.trainer.precision)
+    prepared = out_root / cfg.paths.prepared
+    train_data, val_data = read_split(prepared, "train"), read_split(prepared, "val")
+    build_dir = out_root / cfg.paths.build
+    model = keras.models.load_model(build_dir / MODEL_FILE)
+    print(f"train: {cfg.model.name} with {cfg.optimizer.name} "
+          f"(learning_rate {cfg.optimizer.learning_rate}), {cfg.trainer.epochs} epochs, "
+          f"batch {cfg.trainer.batch_size}, {len(train_data[1])} images, on "
+          f"{backend.describe_devices()}", flush=True)
+    data_path = Path(cfg.data.path) if Path(cfg.data.path).is_absolute() else root / cfg.data.path
+    with tracking.start_run(cfg, root, entry_point, data_path) as active:
+        import mlflow
+
+        mlflow.log_artifact(str(build_dir / REPORT_MD))
+        mlflow.log_artifact(str(build_dir / REPORT_JSON))
+        rows = train(model, train_data, val_data, cfg.optimizer, cfg.trainer.epochs,
+                     cfg.trainer.batch_size, log_metrics=mlflow.log_metrics)
+        with atomic_path(out_root / cfg.paths.model) as tmp:
+            model.save(tmp)
+        write_text(out_root / cfg.paths.history, history_csv(rows))
+        log_model(model, train_data[0][:2])
+        run_id = active.info.run_id
+        write_json(out_root / cfg.paths.run, {"run_id": run_id,
+                                              "experiment_id": active.info.experiment_id})
+    return run_id
+
+
+def main() -> None:
+    root = Path.cwd()
+    run(load_params(), root, root, tracking.dvc_entry_point())
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,87 @@
+"""Shared fixtures: the real Fashion-MNIST files, composed configs, throwaway project copies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, validate
+from pipeline.data import fashion_mnist
+from pipeline.params import compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+# A small stratified subset: enough for every class, fast enough for one epoch in seconds.
+QUICK = ["data.limit=300", "trainer.epochs=1", "model=small_cnn", "trainer.batch_size=64"]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real Fashion-MNIST files, put in place by `make data`."""
+    try:
+        fashion_mnist.verify(DATA)
+    except Exception as err:  # noqa: BLE001 - turned into a clear test failure
+        pytest.fail(f"the real Fashion-MNIST files are needed; run `make data` first ({err})")
+    return DATA
+
+
+def compose(*overrides: str) -> Config:
+    """The typed config for `conf/` plus Hydra overrides."""
+    return validate(compose_config(overrides))
+
+
+def env() -> dict[str, str]:
+    """The environment for subprocesses: this interpreter's tools first on PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("DVC_", "MLFLOW_", "PIPELINE_"))}
+    environ["PATH"] = bin_dir + os.pathsep + environ.get("PATH", "")
+    return environ
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600):
+    result = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n"
+                             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+def copy_project(dest: Path, data_dir: Path) -> Path:
+    """A git repository holding this project's files and a copy of the real data."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    shutil.copytree(data_dir, dest / "data")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path, data_dir: Path) -> Path:
+    """A fresh copy of the project, with data, as a git repository in tmp."""
+    return copy_project(tmp_path / "project", data_dir)
+
+
+def mlflow_runs(project_dir: Path, experiment: str = "fashion-mnist-cnn"):
+    """All runs of `experiment` in the project's default SQLite store."""
+    from mlflow.tracking import MlflowClient
+
+    store = project_dir / "mlflow.db"
+    if not store.exists():
+        return []
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
