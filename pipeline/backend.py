@@ -6,6 +6,8 @@ TensorFlow offers.
 
 from __future__ import annotations
 
+import logging
+
 import keras
 
 
@@ -26,7 +28,10 @@ def configure(seed: int, deterministic: bool, precision: str = "float32") -> Non
             tf.config.experimental.enable_op_determinism()
         tf.get_logger().setLevel("ERROR")
     keras.mixed_precision.set_global_policy(precision)
-    keras.config.disable_interactive_logging()  # no progress bars from library calls
+    # No progress bars from library calls (MLflow predicts on the input example); Keras then
+    # reports through absl's logger, which stays at warnings.
+    keras.config.disable_interactive_logging()
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def describe_devices() -> str:

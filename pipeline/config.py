@@ -58,7 +58,7 @@ class ModelConfig:
     pad_input: int = 0  # zero padding around the input image (LeNet-5 pads 28x28 to 32x32)
     filters: list[int] = field(default_factory=lambda: [32, 64])  # one conv block per entry
     kernel_size: int = 3
-    convs_per_block: int = 1
+    convs_per_block: int = 2
     padding: str = "same"
     pooling: str = "max"
     batch_norm: bool = True
@@ -98,7 +98,7 @@ class OptimizerConfig:
 
     name: str = "gd"
     learning_rate: float = 0.01
-    schedule: str = "constant"  # constant | cosine (to 0 over training) | exponential
+    schedule: str = "cosine"  # constant | cosine (to 0 over training) | exponential
     decay_rate: float = 0.9  # exponential schedule: factor per epoch
     clipnorm: Optional[float] = None
 

@@ -94,26 +94,31 @@ def _connect(cfg: Config, root: Path):
     return mlflow
 
 
-def ensure_experiment(cfg: Config, root: Path) -> str:
-    """The experiment's id, creating it if needed.
+def artifact_location(uri: str) -> Optional[str]:
+    """For a local SQLite store, `mlartifacts/` beside the database file; else None.
 
-    With the default local store, artifacts go to `mlartifacts/` at the project root: left to
-    MLflow, they would land relative to whichever folder created the experiment (a DVC temp
-    copy, a Hydra run folder).
+    Left to MLflow, a local store's artifacts land relative to whichever folder created the
+    experiment (a DVC temp copy, a Hydra run folder). A server decides for itself.
     """
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///"))
+    return (database.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of experiment `name` in the current store, creating it if needed."""
     import mlflow
 
-    existing = mlflow.get_experiment_by_name(cfg.mlflow.experiment_name)
+    existing = mlflow.get_experiment_by_name(name)
     if existing:
         return existing.experiment_id
-    location = None
-    if not cfg.mlflow.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-        location = (project_root(root) / DEFAULT_ARTIFACTS).resolve().as_uri()
     try:
-        return mlflow.create_experiment(cfg.mlflow.experiment_name, artifact_location=location)
+        return mlflow.create_experiment(
+            name, artifact_location=artifact_location(mlflow.get_tracking_uri()))
     except mlflow.exceptions.MlflowException:
         # another process created it in the meantime
-        return mlflow.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 @contextmanager
@@ -134,7 +139,7 @@ def _ending(mlflow) -> Iterator[None]:
 def start_run(cfg: Config, root: Path, entry_point: str, data_path: Path) -> Iterator[Any]:
     """Start a run with the config as params and the lineage tags; yield the active run."""
     mlflow = _connect(cfg, root)
-    mlflow.set_experiment(experiment_id=ensure_experiment(cfg, root))
+    mlflow.set_experiment(experiment_id=ensure_experiment(cfg.mlflow.experiment_name))
     run = mlflow.start_run(tags=lineage_tags(root, data_path, entry_point))
     with _ending(mlflow):
         mlflow.log_params(config_params(cfg))

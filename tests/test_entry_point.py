@@ -1,0 +1,117 @@
+"""`python -m pipeline`: Hydra overrides and multiruns, determinism, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.__main__ import run_stages
+from tests.conftest import QUICK, compose, mlflow_runs, run
+
+
+def pipeline_cmd(*overrides, multirun=False):
+    return ["python", "-m", "pipeline", *(["-m"] if multirun else []), *QUICK, *overrides]
+
+
+def run_folders(project):
+    return [p for p in (project / "runs").rglob("outputs") if p.is_dir()]
+
+
+def test_override_run_logs_its_params_and_metrics(project):
+    result = run(pipeline_cmd("optimizer=momentum", "optimizer.learning_rate=0.02"), project)
+    (run_,) = mlflow_runs(project)
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["optimizer.name"] == "momentum"
+    assert run_.data.params["optimizer.momentum"] == "0.9"
+    assert run_.data.params["optimizer.learning_rate"] == "0.02"
+    assert run_.data.tags["pipeline.entry_point"] == "python -m pipeline"
+    assert {"val_accuracy", "test_accuracy", "learning_rate"} <= set(run_.data.metrics)
+    (outputs,) = run_folders(project)
+    metrics = json.loads((outputs / "evaluate" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(run_.data.metrics["test_accuracy"])
+    assert not (project / "outputs").exists()  # DVC's outputs are left alone
+    assert "epoch 1/1" in result.stdout and "test accuracy" in result.stdout
+
+
+def test_multirun_logs_one_run_per_optimizer(project):
+    run(pipeline_cmd("optimizer=gd,rmsprop", multirun=True), project)
+    runs = mlflow_runs(project)
+    assert sorted(r.data.params["optimizer.name"] for r in runs) == ["gd", "rmsprop"]
+    assert all(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics for r in runs)
+    assert len(run_folders(project)) == 2
+
+
+def test_same_params_give_bit_identical_results(tmp_path, data_dir):
+    from pathlib import Path
+
+    import keras
+
+    cfg = compose(*QUICK, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    root = Path(data_dir).parent
+    first = run_stages(cfg, root, tmp_path / "a")
+    second = run_stages(cfg, root, tmp_path / "b")
+    assert first == second
+    weights = [keras.models.load_model(tmp_path / d / cfg.paths.model).get_weights()
+               for d in ("a", "b")]
+    for w1, w2 in zip(*weights):
+        np.testing.assert_array_equal(w1, w2)
+    history = [(tmp_path / d / cfg.paths.history).read_text() for d in ("a", "b")]
+    assert history[0] == history[1]
+
+
+def assert_failed_cleanly(result, project, message):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
+    assert not run_folders(project), "a failed run left outputs behind"
+    assert all(r.info.status != "RUNNING" for r in mlflow_runs(project))
+    assert not [r for r in mlflow_runs(project) if r.info.status == "FINISHED"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.learning_rate=-0.1", "optimizer.learning_rate=-0.1: must be positive"),
+    ("trainer.batch_size=0", "trainer.batch_size=0: must be a positive integer"),
+    ("data.path=no/such/folder", "no/such/folder not found"),
+])
+def test_bad_values_fail_before_training(project, override, message):
+    result = run(pipeline_cmd(override), project, check=False)
+    assert_failed_cleanly(result, project, message)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer=adma", "unknown optimizer"),
+    ("model=resnet", "unknown model"),
+])
+def test_unknown_names_fail_at_composition(project, override, message):
+    result = run(pipeline_cmd(override), project, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr or "Could not find" in result.stderr
+
+
+def corrupt(path, how):
+    raw = path.read_bytes()
+    path.unlink()  # the copy may share blocks with the original: write a new file
+    path.write_bytes(how(raw))
+
+
+@pytest.mark.parametrize("how,extra,message", [
+    (lambda b: b[:-1000], "data.verify_md5=false", "truncated or corrupt"),
+    (lambda b: b"\x07" + b[1:], "data.verify_md5=false", "bad magic number"),
+    (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "data.verify_md5=true", "has md5"),
+])
+def test_corrupt_data_fails_before_training(project, how, extra, message):
+    corrupt(project / "data" / "t10k-images-idx3-ubyte", how)
+    result = run(pipeline_cmd(extra), project, check=False)
+    assert_failed_cleanly(result, project, message)
+
+
+def test_corrupt_data_fails_dvc_repro_without_outputs(project):
+    corrupt(project / "data" / "train-labels-idx1-ubyte", lambda b: b[:-10])
+    run(["python", "-m", "pipeline.params", *QUICK], project)
+    result = run(["dvc", "repro"], project, check=False)
+    assert result.returncode != 0
+    assert "error: " in result.stderr and "train-labels-idx1-ubyte" in result.stderr
+    assert not (project / "outputs").exists() or not any((project / "outputs").rglob("*.npz"))
+    assert mlflow_runs(project) == []

@@ -1,0 +1,52 @@
+"""Evaluation arithmetic against hand-computed values, and the figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.evaluate import confusion_csv, confusion_matrix, per_class_scores
+from pipeline.figures import plot_confusion_matrix, plot_learning_curves, save_figure
+from pipeline.train import history_csv
+
+
+def test_confusion_matrix_and_scores_by_hand():
+    y_true = np.array([0, 0, 0, 1, 1, 2])
+    y_pred = np.array([0, 0, 1, 1, 2, 2])
+    matrix = confusion_matrix(y_true, y_pred, 3)
+    assert matrix.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    scores = per_class_scores(matrix, ["a", "b", "c"])
+    assert scores["a"] == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 0.8,
+                                         "support": 3})
+    assert scores["b"]["precision"] == pytest.approx(0.5)
+    assert scores["b"]["recall"] == pytest.approx(0.5)
+    assert scores["c"]["precision"] == pytest.approx(0.5)
+    assert scores["c"]["f1"] == pytest.approx(2 / 3)
+
+
+def test_scores_are_zero_for_a_class_never_predicted():
+    scores = per_class_scores(confusion_matrix(np.array([0, 1]), np.array([0, 0]), 2), ["a", "b"])
+    assert scores["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+
+
+def test_confusion_csv_uses_class_names():
+    text = confusion_csv(np.array([0, 1]), np.array([1, 1]), ["cat", "dog"])
+    assert text.splitlines() == ["actual,predicted", "cat,dog", "dog,dog"]
+
+
+def test_figures_are_written_as_png(tmp_path):
+    matrix = np.array([[5, 1], [2, 7]])
+    save_figure(plot_confusion_matrix(matrix, ["a", "b"]), tmp_path / "cm.png")
+    history = [{"epoch": 1, "loss": 0.9, "accuracy": 0.6, "val_loss": 1.0, "val_accuracy": 0.5},
+               {"epoch": 2, "loss": 0.5, "accuracy": 0.8, "val_loss": 0.7, "val_accuracy": 0.7}]
+    save_figure(plot_learning_curves(history), tmp_path / "curves.png")
+    for name in ("cm.png", "curves.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_history_csv_has_one_row_per_epoch():
+    rows = [{"epoch": 1, "loss": 0.5, "accuracy": 0.8, "val_loss": 0.6, "val_accuracy": 0.7,
+             "learning_rate": 0.001}]
+    assert history_csv(rows).splitlines() == [
+        "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate",
+        "1,0.5,0.8,0.6,0.7,0.001"]

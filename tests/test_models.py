@@ -1,0 +1,114 @@
+"""Tier (b): every model and optimizer builds; output shapes and parameter counts."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.build import model_from_config
+from pipeline.config import group_options
+from pipeline.models import build_model, parameter_report, report_markdown
+from pipeline.train import make_optimizer
+from tests.conftest import compose
+
+META = {"input_shape": [28, 28, 1], "num_classes": 10, "pixel_mean": 0.29, "pixel_std": 0.35}
+
+
+def lecture_conv(input_shape):
+    """The lecture's example layer: six 5x5 filters, no padding, stride 1."""
+    return keras.Sequential([keras.Input(input_shape), keras.layers.Conv2D(6, 5)])
+
+
+def params_by_layer(model):
+    return {row["layer"]: row for row in parameter_report(model)["layers"]}
+
+
+@pytest.mark.parametrize("channels,expected", [(1, 156), (3, 456)])
+def test_lecture_conv_layer_parameters(channels, expected):
+    model = lecture_conv((32, 32, channels))
+    (row,) = parameter_report(model)["layers"]
+    assert row["output_shape"] == [28, 28, 6]
+    assert row["params"] == expected == 6 * (5 * 5 * channels + 1)
+
+
+def test_lecture_dense_equivalent_parameters():
+    dense = keras.Sequential([keras.Input((32 * 32 * 3,)), keras.layers.Dense(28 * 28 * 6)])
+    assert parameter_report(dense)["total_params"] == 14_455_392 == 3072 * 4704 + 4704
+
+
+@pytest.mark.parametrize("name", group_options("model"))
+def test_every_model_builds_and_predicts(name):
+    model = model_from_config(compose(f"model={name}").model, META)
+    x = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1)).astype("float32")
+    probabilities = model.predict(x, verbose=0)
+    assert probabilities.shape == (2, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    report = parameter_report(model)
+    assert report["total_params"] == model.count_params()
+    assert sum(row["params"] for row in report["layers"]) == report["total_params"]
+
+
+def test_lenet5_is_the_classic_architecture():
+    model = model_from_config(compose("model=lenet5").model, META)
+    rows = params_by_layer(model)
+    assert rows["pad"]["output_shape"] == [32, 32, 1]
+    assert rows["block1_conv1"]["output_shape"] == [28, 28, 6]
+    assert rows["block1_conv1"]["params"] == 156
+    assert rows["block1_pool"]["output_shape"] == [14, 14, 6]
+    assert rows["block2_conv1"]["output_shape"] == [10, 10, 16]
+    assert rows["block2_conv1"]["params"] == 16 * (5 * 5 * 6 + 1)
+    assert rows["flatten"]["output_shape"] == [400]
+    assert rows["dense1"]["params"] == 400 * 120 + 120
+    assert rows["dense2"]["params"] == 120 * 84 + 84
+    assert rows["logits"]["params"] == 84 * 10 + 10
+    assert parameter_report(model)["total_params"] == 61_706
+
+
+def test_batch_norm_replaces_conv_bias():
+    model = build_model((28, 28, 1), 10, filters=[8], batch_norm=True, dense_units=[])
+    rows = params_by_layer(model)
+    assert rows["block1_conv1"]["params"] == 3 * 3 * 1 * 8  # no bias before BatchNorm
+    assert rows["block1_bn1"]["params"] == 4 * 8  # gamma, beta, moving mean and variance
+    assert parameter_report(model)["trainable_params"] == model.count_params() - 2 * 8
+
+
+def test_input_standardisation_uses_training_statistics():
+    model = build_model((2, 2, 1), 2, pixel_mean=0.5, pixel_std=0.25, filters=[],
+                        dense_units=[], batch_norm=False)
+    standardize = keras.Model(model.input, model.get_layer("standardize").output)
+    out = standardize.predict(np.full((1, 2, 2, 1), 255.0, "float32"), verbose=0)
+    np.testing.assert_allclose(out, (1.0 - 0.5) / 0.25, rtol=1e-6)
+
+
+def test_report_markdown_lists_every_layer():
+    model = build_model((28, 28, 1), 10, filters=[4], dense_units=[8])
+    text = report_markdown(parameter_report(model))
+    for layer in model.layers:
+        assert f"| {layer.name} |" in text
+    assert f"Total: {model.count_params():,} parameters" in text
+
+
+@pytest.mark.parametrize("name", group_options("optimizer"))
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "exponential"])
+def test_every_optimizer_builds_with_every_schedule(name, schedule):
+    cfg = compose(f"optimizer={name}", f"optimizer.schedule={schedule}").optimizer
+    optimizer = make_optimizer(cfg, steps_per_epoch=10, epochs=2)
+    expected = {"gd": "SGD", "momentum": "SGD", "rmsprop": "RMSprop", "adam": "Adam",
+                "adamw": "AdamW"}[name]
+    assert type(optimizer).__name__ == expected
+    model = build_model((8, 8, 1), 3, filters=[2], dense_units=[])
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    model.fit(np.zeros((4, 8, 8, 1), "float32"), np.array([0, 1, 2, 0]), epochs=1, verbose=0)
+    lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    if schedule == "constant":
+        assert lr == pytest.approx(cfg.learning_rate)
+    else:
+        assert 0 < lr < cfg.learning_rate  # decayed after one step
+
+
+def test_gd_has_no_momentum_and_momentum_has():
+    gd = make_optimizer(compose("optimizer=gd").optimizer)
+    momentum = make_optimizer(compose("optimizer=momentum").optimizer)
+    assert gd.momentum == 0.0
+    assert momentum.momentum == 0.9
