@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data params repro test test-slow clean
+.PHONY: setup data browser params repro test test-slow clean
 
 # The virtual environment, re-installed when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -27,6 +27,15 @@ data: setup
 	  $(BIN)/python -m pipeline.data.fetch; }
 	@$(BIN)/dvc commit --force --quiet data.dvc
 
+# Debian's Chromium for the MLflow UI tests (a test dependency only), installed when missing,
+# as root where apt-get exists.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; \
+	  fi; }
+
 # params.yaml from conf/ plus overrides: make params ARGS='optimizer=rmsprop'
 params: setup
 	$(BIN)/python -m pipeline.params $(ARGS)
@@ -37,7 +46,7 @@ repro: data
 test: data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(ARGS)
 
-test-slow: data
+test-slow: data browser
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m slow $(ARGS)
 
 clean:

@@ -16,28 +16,30 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import build, evaluate, prepare, train, tracking
+from pipeline import build, evaluate, prepare, tracking, train
 from pipeline.config import Config, validate
 from pipeline.errors import PipelineError, fail
 
 ENTRY_POINT = "python -m pipeline"
 
 
-def run_stages(cfg: Config, root: Path, out_root: Path) -> dict:
+def run_stages(cfg: Config, root: Path, out_root: Path, run_name: str | None = None) -> dict:
     """prepare -> build -> train -> evaluate, with inputs from `root`, outputs under `out_root`."""
     prepare.run(cfg, root, out_root)
     build.run(cfg, out_root)
-    train.run(cfg, root, out_root, ENTRY_POINT)
+    train.run(cfg, root, out_root, ENTRY_POINT, run_name)
     return evaluate.run(cfg, root, out_root)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> float:
     """Run the stages; return the test accuracy (the objective for Hydra sweepers)."""
-    out_root = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    out_root = Path(hydra_cfg.runtime.output_dir)
     try:
         cfg = validate(OmegaConf.to_container(raw, resolve=True))
-        metrics = run_stages(cfg, tracking.project_root(), out_root)
+        metrics = run_stages(cfg, tracking.project_root(), out_root,
+                             run_name=hydra_cfg.job.override_dirname or None)
     except PipelineError as err:
         shutil.rmtree(out_root, ignore_errors=True)  # a failed run leaves no partial outputs
         fail(err)

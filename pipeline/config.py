@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -34,7 +34,7 @@ class DataConfig:
 
     name: str = "fashion_mnist"
     path: str = "data"
-    limit: Optional[int] = None  # max examples per split; None = all
+    limit: int | None = None  # max examples per split; None = all
     val_fraction: float = 0.1  # stratified share of the training set held out for validation
     verify_md5: bool = True
 
@@ -73,7 +73,8 @@ class ModelConfig:
         _require(self.pad_input >= 0, "model.pad_input", self.pad_input, "must be >= 0", "0")
         _require(all(f > 0 for f in self.filters), "model.filters", self.filters,
                  "every block needs a positive number of filters", "[32,64]")
-        _require(self.kernel_size > 0, "model.kernel_size", self.kernel_size, "must be positive", "3")
+        _require(self.kernel_size > 0, "model.kernel_size", self.kernel_size,
+                 "must be positive", "3")
         _require(self.convs_per_block > 0, "model.convs_per_block", self.convs_per_block,
                  "must be positive", "1")
         _require(self.padding in ("same", "valid"), "model.padding", self.padding,
@@ -100,7 +101,7 @@ class OptimizerConfig:
     learning_rate: float = 0.01
     schedule: str = "cosine"  # constant | cosine (to 0 over training) | exponential
     decay_rate: float = 0.9  # exponential schedule: factor per epoch
-    clipnorm: Optional[float] = None
+    clipnorm: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, "optimizer.learning_rate", self.learning_rate,
@@ -205,8 +206,9 @@ class TrainerConfig:
 class MlflowConfig:
     """Where runs are logged. A null tracking_uri means SQLite `mlflow.db` at the project root."""
 
-    tracking_uri: Optional[str] = None
+    tracking_uri: str | None = None
     experiment_name: str = "fashion-mnist-cnn"
+    sweep_id: str | None = None  # groups `dvc exp run`s; null = by their DVC baseline commit
 
 
 @dataclass

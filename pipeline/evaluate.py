@@ -102,7 +102,7 @@ def run(cfg: Config, root: Path, out_root: Path) -> dict:
                             for name, s in metrics["per_class"].items()})
         mlflow.log_artifacts(str(figures), artifact_path="figures")
         mlflow.log_artifact(str(out_root / cfg.paths.metrics))
-        uri = mlflow.get_tracking_uri()
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri, tracking.project_root(root))
     print_summary(cfg, out_root, metrics, run_id, uri)
     return metrics
 

@@ -2,16 +2,24 @@
 
 Every run carries the whole resolved config as dotted params and the lineage as tags: the git
 commit and dirty flag, the md5 of the data from its `.dvc` file, the DVC experiment name when
-DVC runs it, and the entry point.
+DVC runs it, and the entry point. The runs of one sweep are children of one parent run that
+carries the sweep id.
+
+Many processes may log at once (a Hydra multirun, `dvc queue start -j 2`): a local SQLite store
+is created and migrated by one process at a time under a file lock, and opened with a busy
+timeout, so neither the first-use migration nor a write can race.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import subprocess
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import yaml
 
@@ -20,9 +28,15 @@ from pipeline.config import Config, flatten, to_dict
 DEFAULT_STORE = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 PROJECT_MARKERS = ("dvc.yaml", "conf")
+SQLITE_BUSY_TIMEOUT_S = 120
+SWEEP_ID_TAG = "sweep.id"
+SWEEP_PARENT_TAG = "sweep.parent"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests the run under its parent
+ENV_SWEEP_ID = "PIPELINE_SWEEP_ID"  # set by the Hydra multirun callback for its jobs
+ENV_PARENT_RUN_ID = "PIPELINE_PARENT_RUN_ID"
 
 
-def project_root(start: Optional[Path] = None) -> Path:
+def project_root(start: Path | None = None) -> Path:
     """The project folder, also from DVC's temporary experiment copies and Hydra's run folders.
 
     DVC sets DVC_ROOT to the parent repository for queued and temporary experiments.
@@ -36,7 +50,7 @@ def project_root(start: Optional[Path] = None) -> Path:
     return here
 
 
-def tracking_uri(configured: Optional[str], root: Path) -> str:
+def tracking_uri(configured: str | None, root: Path) -> str:
     """The configured URI, else $MLFLOW_TRACKING_URI, else SQLite `mlflow.db` at the root.
 
     The default is made absolute, so every process of the project writes the same store.
@@ -48,7 +62,7 @@ def tracking_uri(configured: Optional[str], root: Path) -> str:
     return f"sqlite:///{(root / DEFAULT_STORE).resolve()}"
 
 
-def _git(root: Path, *args: str) -> Optional[str]:
+def _git(root: Path, *args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
@@ -56,7 +70,7 @@ def _git(root: Path, *args: str) -> Optional[str]:
     return out.stdout.strip()
 
 
-def data_md5(data_path: Path) -> Optional[str]:
+def data_md5(data_path: Path) -> str | None:
     """The md5 DVC recorded for the data in `<data_path>.dvc`, if that file exists."""
     dvc_file = Path(f"{data_path}.dvc")
     if not dvc_file.is_file():
@@ -84,25 +98,66 @@ def lineage_tags(root: Path, data_path: Path, entry_point: str) -> dict[str, str
 
 def config_params(cfg: Config) -> dict[str, Any]:
     """The resolved config flattened to dotted MLflow params (`optimizer.learning_rate`, ...)."""
-    return {key: ("null" if value is None else value) for key, value in flatten(to_dict(cfg)).items()}
+    flat = flatten(to_dict(cfg))
+    return {key: ("null" if value is None else value) for key, value in flat.items()}
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes on this machine, held for the `with` block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def connect(uri: str) -> None:
+    """Point MLflow at `uri`.
+
+    A local SQLite store is created and migrated under a file lock (MLflow's first-use
+    migration races when several processes open a new store at once) and opened with a busy
+    timeout, so concurrent writers wait for each other instead of failing "database is locked".
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    database = sqlite_path(uri)
+    if database is not None:
+        if "?" not in uri:
+            uri = f"{uri}?timeout={SQLITE_BUSY_TIMEOUT_S}"
+        for name in ("mlflow.store.db.utils", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        with file_lock(database.with_name(f"{database.name}.lock")):
+            MlflowClient(uri).search_experiments(max_results=1)
+    mlflow.set_tracking_uri(uri)
 
 
 def _connect(cfg: Config, root: Path):
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri, project_root(root)))
+    connect(tracking_uri(cfg.mlflow.tracking_uri, project_root(root)))
     return mlflow
 
 
-def artifact_location(uri: str) -> Optional[str]:
+def artifact_location(uri: str) -> str | None:
     """For a local SQLite store, `mlartifacts/` beside the database file; else None.
 
     Left to MLflow, a local store's artifacts land relative to whichever folder created the
     experiment (a DVC temp copy, a Hydra run folder). A server decides for itself.
     """
-    if not uri.startswith("sqlite:///"):
+    database = sqlite_path(uri)
+    if database is None:
         return None
-    database = Path(uri.removeprefix("sqlite:///"))
     return (database.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
 
 
@@ -135,12 +190,76 @@ def _ending(mlflow) -> Iterator[None]:
     mlflow.end_run("FINISHED")
 
 
+def sweep_tags(sweep_id: str, parent_run_id: str) -> dict[str, str]:
+    return {SWEEP_ID_TAG: sweep_id, PARENT_RUN_TAG: parent_run_id}
+
+
+def create_sweep_parent(experiment_id: str, sweep_id: str, tags: dict[str, str]) -> str:
+    """Create the parent run of a sweep (status RUNNING); return its id."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient().create_run(
+        experiment_id, run_name=f"sweep {sweep_id}",
+        tags={**tags, SWEEP_ID_TAG: sweep_id, SWEEP_PARENT_TAG: "true"})
+    return run.info.run_id
+
+
+def find_sweep_parent(experiment_id: str, sweep_id: str) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient().search_runs(
+        [experiment_id], max_results=1,
+        filter_string=(f"tags.`{SWEEP_ID_TAG}` = '{sweep_id}' "
+                       f"and tags.`{SWEEP_PARENT_TAG}` = 'true'"))
+    return found[0].info.run_id if found else None
+
+
+def dvc_sweep_parent(cfg: Config, root: Path, experiment_id: str) -> tuple[str, str]:
+    """(sweep id, parent run id) for a `dvc exp run`, creating the parent on first use.
+
+    DVC experiments are grouped as `dvc exp show` groups them, by their baseline commit,
+    unless `mlflow.sweep_id` names the sweep. Queue workers may start together, so the
+    look-up and creation happen under a lock.
+    """
+    from mlflow.tracking import MlflowClient
+
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")[:8] or "workspace"
+    sweep_id = cfg.mlflow.sweep_id or f"dvc-{baseline}"
+    lock = project_root(root) / ".dvc" / "tmp" / "mlflow-sweep.lock"
+    with file_lock(lock):
+        parent = find_sweep_parent(experiment_id, sweep_id)
+        if parent is None:
+            parent = create_sweep_parent(experiment_id, sweep_id,
+                                         {"pipeline.entry_point": "dvc exp run"})
+            # a container for the queue's runs: no process of its own to end it later
+            MlflowClient().set_terminated(parent, "FINISHED")
+    return sweep_id, parent
+
+
+def sweep_of_this_run(cfg: Config, root: Path, experiment_id: str) -> tuple[str, str] | None:
+    """(sweep id, parent run id) when this run belongs to a sweep, else None."""
+    if os.environ.get(ENV_PARENT_RUN_ID):
+        return os.environ[ENV_SWEEP_ID], os.environ[ENV_PARENT_RUN_ID]
+    if os.environ.get("DVC_EXP_NAME"):
+        return dvc_sweep_parent(cfg, root, experiment_id)
+    return None
+
+
 @contextmanager
-def start_run(cfg: Config, root: Path, entry_point: str, data_path: Path) -> Iterator[Any]:
-    """Start a run with the config as params and the lineage tags; yield the active run."""
+def start_run(cfg: Config, root: Path, entry_point: str, data_path: Path,
+              run_name: str | None = None) -> Iterator[Any]:
+    """Start a run with the config as params and the lineage tags; yield the active run.
+
+    A run that belongs to a sweep becomes a child of the sweep's parent run.
+    """
     mlflow = _connect(cfg, root)
-    mlflow.set_experiment(experiment_id=ensure_experiment(cfg.mlflow.experiment_name))
-    run = mlflow.start_run(tags=lineage_tags(root, data_path, entry_point))
+    experiment_id = ensure_experiment(cfg.mlflow.experiment_name)
+    tags = lineage_tags(root, data_path, entry_point)
+    sweep = sweep_of_this_run(cfg, root, experiment_id)
+    if sweep:
+        tags.update(sweep_tags(*sweep))
+    run = mlflow.start_run(experiment_id=experiment_id, tags=tags,
+                           run_name=run_name or os.environ.get("DVC_EXP_NAME"))
     with _ending(mlflow):
         mlflow.log_params(config_params(cfg))
         yield run

@@ -21,8 +21,15 @@ import numpy as np
 
 from pipeline import backend, tracking
 from pipeline.build import MODEL_FILE, REPORT_JSON, REPORT_MD
-from pipeline.config import (AdamConfig, AdamWConfig, Config, MomentumConfig, OptimizerConfig,
-                             RMSPropConfig, load_params)
+from pipeline.config import (
+    AdamConfig,
+    AdamWConfig,
+    Config,
+    MomentumConfig,
+    OptimizerConfig,
+    RMSPropConfig,
+    load_params,
+)
 from pipeline.errors import TrainingError, run_cli
 from pipeline.files import atomic_path, write_json, write_text
 from pipeline.prepare import read_split
@@ -146,8 +153,9 @@ def log_model(model: keras.Model, x_example: np.ndarray) -> None:
 
     Giving `pip_requirements` spares MLflow several seconds of inferring them.
     """
-    import mlflow
     from importlib.metadata import version
+
+    import mlflow
 
     example = x_example.astype(np.float32)
     signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
@@ -158,7 +166,8 @@ def log_model(model: keras.Model, x_example: np.ndarray) -> None:
                               f"tensorflow=={version('tensorflow')}"])
 
 
-def run(cfg: Config, root: Path, out_root: Path, entry_point: str) -> str:
+def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
+        run_name: str | None = None) -> str:
     """Train the built model under one MLflow run; return the run id.
 
     `root` holds the inputs (data, its `.dvc` file, the git checkout); stage files are read
@@ -174,7 +183,7 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str) -> str:
           f"batch {cfg.trainer.batch_size}, {len(train_data[1])} images, on "
           f"{backend.describe_devices()}", flush=True)
     data_path = Path(cfg.data.path) if Path(cfg.data.path).is_absolute() else root / cfg.data.path
-    with tracking.start_run(cfg, root, entry_point, data_path) as active:
+    with tracking.start_run(cfg, root, entry_point, data_path, run_name) as active:
         import mlflow
 
         mlflow.log_artifact(str(build_dir / REPORT_MD))

@@ -11,7 +11,7 @@ from tests.conftest import mlflow_runs, run
 
 @pytest.mark.slow
 def test_default_config_reaches_92_percent(project):
-    """`python -m pipeline` with no overrides = the default `make repro` (about 10 min on 2 cores)."""
+    """`python -m pipeline` with no overrides: the default `make repro` (~10 min on 2 cores)."""
     run(["python", "-m", "pipeline"], project, timeout=3600)
     (metrics_file,) = (project / "runs").rglob("metrics.json")
     metrics = json.loads(metrics_file.read_text())

@@ -14,8 +14,8 @@ import gzip
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from pipeline.data import fashion_mnist
 from pipeline.errors import DataError, run_cli
@@ -71,8 +71,8 @@ def from_debian(dest: Path, gz_dir: Path = DEBIAN_DIR) -> bool:
     return True
 
 
-def from_keras_download(dest: Path, origin: Optional[str] = None,
-                        cache_dir: Optional[Path] = None) -> bool:
+def from_keras_download(dest: Path, origin: str | None = None,
+                        cache_dir: Path | None = None) -> bool:
     """Download the gz files the way `keras.datasets.fashion_mnist` does, then decompress.
 
     `origin` (or $FASHION_MNIST_ORIGIN) is the base URL; a `file://` URL works offline.

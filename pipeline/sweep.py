@@ -1,0 +1,72 @@
+"""Hydra multiruns as MLflow sweeps: one parent run per sweep, each job a child of it.
+
+Registered in `conf/config.yaml` under `hydra.callbacks`. At the start of a multirun the
+callback creates the parent run (tag `sweep.id`) and hands its id to the jobs through the
+environment (inherited by launcher subprocesses too); at the end it writes the comparison
+report into the sweep folder, logs it to the parent and ends the parent FINISHED. A sweep that
+dies on the way ends its parent FAILED when the process exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from pipeline import tracking
+
+
+def new_sweep_id() -> str:
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+class MlflowSweep(Callback):
+    """Hydra callback: an MLflow parent run around each multirun."""
+
+    def __init__(self) -> None:
+        self.parent_run_id: str | None = None
+        self.sweep_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        root = tracking.project_root()
+        tracking.connect(tracking.tracking_uri(config.mlflow.tracking_uri, root))
+        experiment_id = tracking.ensure_experiment(config.mlflow.experiment_name)
+        self.sweep_id = config.mlflow.sweep_id or new_sweep_id()
+        overrides = " ".join(config.hydra.overrides.task)
+        self.parent_run_id = tracking.create_sweep_parent(
+            experiment_id, self.sweep_id,
+            {"pipeline.entry_point": "python -m pipeline -m", "sweep.overrides": overrides})
+        os.environ[tracking.ENV_SWEEP_ID] = self.sweep_id
+        os.environ[tracking.ENV_PARENT_RUN_ID] = self.parent_run_id
+        atexit.register(self._end_parent, "FAILED")
+        print(f"sweep {self.sweep_id}: MLflow parent run {self.parent_run_id}", flush=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from pipeline import compare
+
+        out_dir = Path(config.hydra.sweep.dir)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        runs = compare.select_runs(client, sweep_id=self.sweep_id)
+        table, figure = compare.write_report(client, runs, out_dir)
+        compare.log_to_parent(client, runs, [table, figure])
+        print(f"\nsweep {self.sweep_id}: {len(runs)} runs compared in {table} and {figure}",
+              flush=True)
+        self._end_parent("FINISHED")
+
+    def _end_parent(self, status: str) -> None:
+        if self.parent_run_id is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().set_terminated(self.parent_run_id, status)
+        self.parent_run_id = None
+        for name in (tracking.ENV_SWEEP_ID, tracking.ENV_PARENT_RUN_ID):
+            os.environ.pop(name, None)

@@ -1,0 +1,143 @@
+"""Sweeps: parent and child runs, many processes on one new store, the DVC queue, lineage."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.params import write_params
+from tests.conftest import QUICK, env, mlflow_runs, run
+
+LOGGER = """
+import sys, time, pathlib, mlflow
+from pipeline import tracking
+from pipeline.config import Config, MlflowConfig
+go = pathlib.Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.01)
+cfg = Config(mlflow=MlflowConfig(tracking_uri=sys.argv[1], experiment_name="race"))
+with tracking.start_run(cfg, pathlib.Path.cwd(), "race", pathlib.Path("data")):
+    for step in range(1, 101):
+        mlflow.log_metrics({"loss": 1.0 / step, "accuracy": step / 100}, step=step)
+"""
+
+
+def test_eight_processes_on_a_brand_new_store(tmp_path):
+    """MLflow's first-use migration races without the lock; all eight must be recorded."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", LOGGER, uri, str(go)], cwd=tmp_path,
+                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(8)]
+    time.sleep(0.5)  # let the interpreters reach the start line; the file releases them all
+    go.touch()
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    assert [r[2] for r in results] == [0] * 8, [r[1][-2000:] for r in results if r[2]]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert len(runs) == 8
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        assert len(client.get_metric_history(r.info.run_id, "loss")) == 100
+
+
+def test_hydra_multirun_is_one_parent_with_children_and_a_report(project):
+    result = run(["python", "-m", "pipeline", "-m", *QUICK, "optimizer=gd,adam"], project)
+    runs = mlflow_runs(project)
+    parents = [r for r in runs if r.data.tags.get("sweep.parent") == "true"]
+    children = [r for r in runs if r not in parents]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    sweep_id = parent.data.tags["sweep.id"]
+    assert parent.info.status == "FINISHED"
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["sweep.id"] == sweep_id
+        assert child.info.status == "FINISHED"
+    assert sorted(c.data.params["optimizer.name"] for c in children) == ["adam", "gd"]
+    assert sorted(c.info.run_name for c in children)[0].startswith("data.limit=300")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.md", "comparison.png"} <= logged
+    (report,) = (project / "runs").rglob("comparison.md")
+    assert "optimizer.name" in report.read_text()
+    assert sweep_id in result.stdout
+
+
+def test_compare_optimizers_preset_is_a_fair_sweep(project):
+    run(["python", "-m", "pipeline", "experiment=compare_optimizers", *QUICK], project)
+    children = [r for r in mlflow_runs(project) if "sweep.parent" not in r.data.tags]
+    assert sorted(c.data.params["optimizer.name"] for c in children) == [
+        "adam", "gd", "momentum", "rmsprop"]
+    for key in ("model.name", "seed", "trainer.epochs", "trainer.batch_size", "data.limit",
+                "optimizer.schedule"):
+        assert len({c.data.params[key] for c in children}) == 1, key
+    rates = {c.data.params["optimizer.name"]: float(c.data.params["optimizer.learning_rate"])
+             for c in children}
+    assert rates["gd"] > rates["adam"]  # each optimizer keeps its own sensible rate
+
+
+@pytest.mark.slow
+def test_dvc_queue_with_two_workers(project):
+    write_params(QUICK, project / "params.yaml")
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "quick params"], project)
+    run(["dvc", "exp", "run", "--queue", "-S", "optimizer=gd,momentum,rmsprop,adam",
+         *[f"-S{o}" for o in QUICK if not o.startswith("model=")], "-S", "model=small_cnn"],
+        project)
+    run(["dvc", "queue", "start", "-j", "2"], project)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], project).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(2)
+    assert status.count("Success") == 4, status
+    runs = mlflow_runs(project)
+    parents = [r for r in runs if r.data.tags.get("sweep.parent") == "true"]
+    children = [r for r in runs if r not in parents]
+    assert len(parents) == 1 and len(children) == 4
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.data.params["optimizer.name"] for c in children) == [
+        "adam", "gd", "momentum", "rmsprop"]
+    names = {c.data.tags["dvc.exp_name"] for c in children}
+    shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
+    assert all(name in shown for name in names)
+
+
+@pytest.mark.slow
+def test_a_run_reproduces_from_its_lineage(project):
+    """From an MLflow run back to the exact model: commit + dvc checkout + dvc repro."""
+    write_params(QUICK, project / "params.yaml")
+    run(["git", "rm", "-q", "dvc.lock"], project)  # the copied lock belongs to the full data
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "experiment 1"], project)
+    run(["dvc", "repro"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "results 1"], project)
+    (first,) = mlflow_runs(project)
+    write_params([*QUICK, "optimizer=momentum"], project / "params.yaml")
+    run(["dvc", "repro"], project)
+    run(["git", "commit", "-qam", "experiment 2"], project)
+
+    commit = first.data.tags["git.commit"]
+    run(["git", "checkout", "-q", commit], project)
+    run(["dvc", "checkout", "--force"], project)
+    result = run(["dvc", "repro"], project)
+    assert "Running stage 'train'" in result.stdout
+    metrics = json.loads((project / "outputs/evaluate/metrics.json").read_text())
+    assert metrics["test_accuracy"] == first.data.metrics["test_accuracy"]
+    assert metrics["test_loss"] == pytest.approx(first.data.metrics["test_loss"], rel=1e-12)
+    latest = max(mlflow_runs(project), key=lambda r: r.info.start_time)
+    assert latest.data.tags["git.commit"] == commit
+    assert latest.data.tags["data.md5"] == first.data.tags["data.md5"]
