@@ -417,7 +417,10 @@ def _shown(path: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     root = tracking.project_root()
-    client = open_client(tracking.tracking_uri(args.tracking_uri, root))
+    configured = args.tracking_uri
+    if configured is None and (root / PARAMS_FILE).is_file():
+        configured = load_params(root / PARAMS_FILE).mlflow.tracking_uri
+    client = open_client(tracking.tracking_uri(configured, root))
     experiment = args.experiment
     if not (experiment or args.sweep or args.runs):
         experiment = default_experiment(root)

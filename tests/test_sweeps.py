@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from pipeline.params import write_params
 from tests.conftest import QUICK, env, mlflow_runs, run
@@ -117,27 +118,29 @@ def test_dvc_queue_with_two_workers(project):
 
 @pytest.mark.slow
 def test_a_run_reproduces_from_its_lineage(project):
-    """From an MLflow run back to the exact model: commit + dvc checkout + dvc repro."""
-    write_params(QUICK, project / "params.yaml")
-    run(["git", "rm", "-q", "dvc.lock"], project)  # the copied lock belongs to the full data
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "experiment 1"], project)
-    run(["dvc", "repro"], project)
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "results 1"], project)
+    """From an MLflow run back to the exact model: its commit, data version and params."""
+    run(["dvc", "commit", "--force", "--quiet", "data.dvc"], project)  # as `make data` does
+    run(["python", "-m", "pipeline", *QUICK, "optimizer=momentum"], project)
     (first,) = mlflow_runs(project)
-    write_params([*QUICK, "optimizer=momentum"], project / "params.yaml")
-    run(["dvc", "repro"], project)
-    run(["git", "commit", "-qam", "experiment 2"], project)
-
     commit = first.data.tags["git.commit"]
+    assert first.data.tags["git.dirty"] == "false"
+    # the project moves on: other params, another commit
+    write_params([*QUICK, "optimizer=rmsprop"], project / "params.yaml")
+    run(["git", "commit", "-qam", "try rmsprop"], project)
+
+    wrong = run(["python", "-m", "pipeline.reproduce", first.info.run_id], project, check=False)
+    assert wrong.returncode == 2
+    assert f"run `git checkout {commit}` first" in wrong.stderr.strip().splitlines()[-1]
+
     run(["git", "checkout", "-q", commit], project)
-    run(["dvc", "checkout", "--force"], project)
-    result = run(["dvc", "repro"], project)
-    assert "Running stage 'train'" in result.stdout
-    metrics = json.loads((project / "outputs/evaluate/metrics.json").read_text())
+    result = run(["python", "-m", "pipeline.reproduce", first.info.run_id], project)
+    assert "identical metrics" in result.stdout
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["optimizer"]["name"] == "momentum"
+    metrics = json.loads((project / params["paths"]["metrics"]).read_text())
     assert metrics["test_accuracy"] == first.data.metrics["test_accuracy"]
-    assert metrics["test_loss"] == pytest.approx(first.data.metrics["test_loss"], rel=1e-12)
+    assert metrics["test_loss"] == first.data.metrics["test_loss"]
     latest = max(mlflow_runs(project), key=lambda r: r.info.start_time)
+    assert latest.info.run_id != first.info.run_id
     assert latest.data.tags["git.commit"] == commit
     assert latest.data.tags["data.md5"] == first.data.tags["data.md5"]

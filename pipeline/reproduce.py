@@ -1,0 +1,112 @@
+"""Reproduce an MLflow run from its lineage: its git commit, its data version and its params.
+
+    git checkout <commit>                       # the run's tag git.commit
+    python -m pipeline.reproduce <run id>       # data version + params.yaml + dvc repro
+
+The command checks that the checkout is at the run's commit, puts the data version of the run
+in place (`dvc checkout data.dvc`, verified against the run's tag data.md5), writes
+`params.yaml` from the run's params, runs `dvc repro` (`--force` retrains even when DVC has the
+outputs cached) and compares the test metrics with the run's. Runs made by `dvc exp run` can
+also be restored with `dvc exp apply <dvc.exp_name>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import tracking
+from pipeline.config import PARAMS_FILE, Config, validate
+from pipeline.errors import PipelineError, run_cli
+from pipeline.files import write_text
+from pipeline.params import params_yaml
+
+COMPARED = ("test_accuracy", "test_loss")
+
+
+class ReproduceError(PipelineError):
+    """The checkout or the data does not match the run."""
+
+
+def config_from_params(params: dict[str, str]) -> Config:
+    """The typed config back from MLflow's string params (`optimizer.learning_rate`: "0.001")."""
+    nested: dict[str, Any] = {}
+    for key, text in params.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(text)
+    return validate(nested)
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def check_checkout(root: Path, tags: dict[str, str]) -> None:
+    commit = tags.get("git.commit")
+    if not commit:
+        raise ReproduceError("the run has no git.commit tag; it was not made in a git checkout")
+    head = _git(root, "rev-parse", "HEAD")
+    if head != commit:
+        raise ReproduceError(f"the checkout is at {head[:8]} but the run was trained at "
+                             f"{commit[:8]}; run `git checkout {commit}` first")
+
+
+def restore_data(root: Path, data_path: Path, tags: dict[str, str]) -> None:
+    expected = tags.get("data.md5")
+    recorded = tracking.data_md5(data_path)
+    if expected and recorded != expected:
+        raise ReproduceError(f"{data_path}.dvc records data {recorded} but the run used "
+                             f"{expected}; check out the run's commit first")
+    dvc_file = f"{data_path.relative_to(root)}.dvc"
+    if subprocess.run(["dvc", "checkout", "--quiet", dvc_file], cwd=root).returncode != 0:
+        raise ReproduceError(f"`dvc checkout {dvc_file}` failed: the run's data version is not "
+                             f"in the DVC cache; get it with `dvc pull {dvc_file}` or `make data`")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_id")
+    parser.add_argument("--tracking-uri", help="default: the project's store")
+    parser.add_argument("--force", action="store_true", help="retrain even if DVC has it cached")
+    args = parser.parse_args(argv)
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    root = tracking.project_root()
+    uri = args.tracking_uri or tracking.tracking_uri(None, root)
+    tracking.connect(uri)
+    try:
+        run = MlflowClient().get_run(args.run_id)
+    except MlflowException:
+        raise ReproduceError(f"run {args.run_id!r} not found in {uri}; pass --tracking-uri "
+                             "if it lives elsewhere") from None
+    tags = run.data.tags
+    cfg = config_from_params(run.data.params)
+    check_checkout(root, tags)
+    restore_data(root, root / cfg.data.path, tags)
+    write_text(root / PARAMS_FILE, params_yaml(cfg))
+    print(f"reproduce: run {args.run_id} at {tags['git.commit'][:8]}, data "
+          f"{tags.get('data.md5', '?')}, params.yaml written; dvc repro", flush=True)
+    subprocess.run(["dvc", "repro", *(["--force"] if args.force else [])], cwd=root, check=True)
+    metrics = json.loads((root / cfg.paths.metrics).read_text())
+    same = all(metrics[k] == run.data.metrics.get(k) for k in COMPARED)
+    for key in COMPARED:
+        print(f"  {key}: run {run.data.metrics.get(key)}  reproduced {metrics[key]}")
+    print("identical metrics" if same else "the metrics differ from the run's", flush=True)
+    if not same:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)
