@@ -5,13 +5,14 @@ Writes `model.keras` (seeded initial weights), `report.json` and `report.md` und
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import keras
 
 from pipeline import backend
-from pipeline.config import Config, ModelConfig, load_params
-from pipeline.errors import run_cli
+from pipeline.config import AugmentConfig, Config, ModelConfig, load_params
+from pipeline.errors import ConfigError, run_cli
 from pipeline.files import atomic_path, write_json, write_text
 from pipeline.models import build_model, parameter_report, report_markdown
 from pipeline.prepare import read_meta
@@ -21,21 +22,30 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
 
-def model_from_config(cfg: ModelConfig, meta: dict) -> keras.Model:
+def model_from_config(cfg: ModelConfig, meta: dict,
+                      augment: AugmentConfig | None = None) -> keras.Model:
     """The one place where config becomes model arguments."""
+    try:
+        return _build(cfg, meta, augment)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _build(cfg: ModelConfig, meta: dict, augment: AugmentConfig | None) -> keras.Model:
     return build_model(
         meta["input_shape"], meta["num_classes"],
         pixel_mean=meta["pixel_mean"], pixel_std=meta["pixel_std"],
         pad_input=cfg.pad_input, filters=cfg.filters, kernel_size=cfg.kernel_size,
         convs_per_block=cfg.convs_per_block, padding=cfg.padding, pooling=cfg.pooling,
         batch_norm=cfg.batch_norm, activation=cfg.activation, dense_units=cfg.dense_units,
-        dropout=cfg.dropout, name=cfg.name)
+        dropout=cfg.dropout, head=cfg.head,
+        augment=dataclasses.asdict(augment) if augment else None, name=cfg.name)
 
 
 def run(cfg: Config, out_root: Path) -> keras.Model:
     backend.configure(cfg.seed, cfg.trainer.deterministic, cfg.trainer.precision)
     meta = read_meta(out_root / cfg.paths.prepared)
-    model = model_from_config(cfg.model, meta)
+    model = model_from_config(cfg.model, meta, cfg.augment)
     report = parameter_report(model)
     out_dir = out_root / cfg.paths.build
     with atomic_path(out_dir / MODEL_FILE) as tmp:

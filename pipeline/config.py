@@ -30,24 +30,113 @@ def _require(ok: bool, key: str, value: Any, rule: str, example: str) -> None:
 
 @dataclass
 class DataConfig:
-    """Where the images come from and how they are split."""
+    """Fields every data source has; each option of the `data` group adds its own."""
 
     name: str = "fashion_mnist"
     path: str = "data"
+    test_path: str = "data"  # the test set; equal to `path` when the source has no separate one
     limit: int | None = None  # max examples per split; None = all
     val_fraction: float = 0.1  # stratified share of the training set held out for validation
-    verify_md5: bool = True
+    positive_class: str | None = None  # two classes: the one the detector looks for
 
     def __post_init__(self) -> None:
-        _require(self.name in DATASETS, "data.name", self.name,
-                 f"unknown dataset; choose one of {', '.join(DATASETS)}", "fashion_mnist")
         _require(self.limit is None or self.limit > 0, "data.limit", self.limit,
                  "must be a positive number of examples per split, or null for all", "1000")
         _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,
                  "must lie strictly between 0 and 1", "0.1")
 
 
-DATASETS = ("fashion_mnist",)
+COLOR_MODES = ("rgb", "grayscale")
+
+
+def _check_image_size(size: list[int] | None) -> None:
+    _require(size is None or (len(size) == 2 and all(s > 0 for s in size)), "data.image_size",
+             size, "must be [height, width] in pixels", "[64,64]")
+
+
+@dataclass
+class FashionMnistConfig(DataConfig):
+    """Fashion-MNIST's four IDX files in `path`."""
+
+    name: str = "fashion_mnist"
+    verify_md5: bool = True
+
+
+@dataclass
+class ImageFolderConfig(DataConfig):
+    """One subfolder of images per class: `<path>/cat/*.jpg`, `<path>/non-cat/*.png`."""
+
+    name: str = "image_folder"
+    path: str = "images"
+    test_path: str = "images"  # a separate test folder, or `path` for a seeded split
+    test_fraction: float = 0.2  # stratified share held out for testing when test_path == path
+    image_size: list[int] = field(default_factory=lambda: [64, 64])  # [height, width]
+    color_mode: str = "rgb"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(0.0 < self.test_fraction < 1.0, "data.test_fraction", self.test_fraction,
+                 "must lie strictly between 0 and 1", "0.2")
+        _check_image_size(self.image_size)
+        _require(self.color_mode in COLOR_MODES, "data.color_mode", self.color_mode,
+                 f"choose one of {', '.join(COLOR_MODES)}", "rgb")
+
+
+@dataclass
+class Hdf5Config(DataConfig):
+    """Image and label arrays in HDF5 files (the layout common course datasets use)."""
+
+    name: str = "hdf5"
+    path: str = "datasets/train.h5"
+    test_path: str = "datasets/test.h5"
+    x_key: str = "train_set_x"
+    y_key: str = "train_set_y"
+    test_x_key: str = "test_set_x"
+    test_y_key: str = "test_set_y"
+    classes_key: str | None = "list_classes"  # null: classes are named 0, 1, ...
+
+
+@dataclass
+class KerasDatasetConfig(DataConfig):
+    """A dataset Keras downloads by name (needs the network, or Keras's cache)."""
+
+    name: str = "keras"
+    dataset: str = "cifar10"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.dataset in KERAS_DATASETS, "data.dataset", self.dataset,
+                 f"choose one of {', '.join(KERAS_DATASETS)}", "cifar10")
+
+
+KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+DATA_SOURCES: dict[str, type[DataConfig]] = {
+    "fashion_mnist": FashionMnistConfig,
+    "image_folder": ImageFolderConfig,
+    "hdf5": Hdf5Config,
+    "keras": KerasDatasetConfig,
+}
+
+
+@dataclass
+class AugmentConfig:
+    """Random transformations of the training images (inactive at evaluation and prediction)."""
+
+    flip: str = "none"  # none | horizontal | vertical | horizontal_and_vertical
+    translate: float = 0.0  # fraction of height/width
+    rotate: float = 0.0  # fraction of a full turn
+    zoom: float = 0.0  # fraction
+    contrast: float = 0.0  # factor
+
+    def __post_init__(self) -> None:
+        _require(self.flip in FLIPS, "augment.flip", self.flip,
+                 f"choose one of {', '.join(FLIPS)}", "horizontal")
+        for key in ("translate", "rotate", "zoom", "contrast"):
+            value = getattr(self, key)
+            _require(0.0 <= value < 1.0, f"augment.{key}", value, "must lie in [0, 1)", "0.1")
+
+
+FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 
 
 @dataclass
@@ -65,6 +154,7 @@ class ModelConfig:
     activation: str = "relu"
     dense_units: list[int] = field(default_factory=lambda: [128])
     dropout: float = 0.25
+    head: str = "auto"  # auto: one sigmoid unit for two classes, else softmax
 
     def __post_init__(self) -> None:
         names = model_presets()
@@ -87,8 +177,11 @@ class ModelConfig:
                  "every dense layer needs a positive number of units", "[128]")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout,
                  "must lie in [0, 1)", "0.25")
+        _require(self.head in HEADS, "model.head", self.head,
+                 f"choose one of {', '.join(HEADS)}", "auto")
 
 
+HEADS = ("auto", "softmax", "sigmoid")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "gelu", "swish")
 SCHEDULES = ("constant", "cosine", "exponential")
 
@@ -193,8 +286,11 @@ class TrainerConfig:
     batch_size: int = 128
     precision: str = "float32"
     deterministic: bool = True  # TensorFlow op determinism: bit-identical runs on CPU
+    class_weight: str = "none"  # none | balanced: weight classes by inverse frequency
 
     def __post_init__(self) -> None:
+        _require(self.class_weight in ("none", "balanced"), "trainer.class_weight",
+                 self.class_weight, "choose none or balanced", "balanced")
         _require(self.epochs > 0, "trainer.epochs", self.epochs, "must be a positive integer", "10")
         _require(self.batch_size > 0, "trainer.batch_size", self.batch_size,
                  "must be a positive integer", "128")
@@ -223,16 +319,20 @@ class PathsConfig:
     model: str = "outputs/train/model.keras"
     history: str = "outputs/train/history.csv"
     run: str = "outputs/train/mlflow_run.json"
+    labels: str = "outputs/train/labels.json"
     metrics: str = "outputs/evaluate/metrics.json"
     confusion: str = "outputs/evaluate/confusion.csv"
+    roc: str = "outputs/evaluate/roc.csv"
+    precision_recall: str = "outputs/evaluate/precision_recall.csv"
     figures: str = "outputs/evaluate/figures"
 
 
 @dataclass
 class Config:
     seed: int = 42
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=FashionMnistConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optimizer: OptimizerConfig = field(default_factory=AdamConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -252,13 +352,18 @@ def model_presets() -> list[str]:
     return group_options("model")
 
 
+def _option(raw: dict[str, Any], group: str, options: dict[str, type], default: str):
+    name = (raw.get(group) or {}).get("name", default)
+    if name not in options:
+        raise ConfigError(f"{group}={name!r}: unknown {group}; choose one of "
+                          f"{', '.join(options)}; for example {group}={default}")
+    return options[name]()
+
+
 def _schema_for(raw: dict[str, Any]) -> Config:
-    """The default config whose optimizer dataclass matches `optimizer.name` in `raw`."""
-    name = (raw.get("optimizer") or {}).get("name", "adam")
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer={name!r}: unknown optimizer; choose one of "
-                          f"{', '.join(OPTIMIZERS)}; for example optimizer=adam")
-    return Config(optimizer=OPTIMIZERS[name]())
+    """The default config whose data and optimizer dataclasses match their `name` in `raw`."""
+    return Config(data=_option(raw, "data", DATA_SOURCES, "fashion_mnist"),
+                  optimizer=_option(raw, "optimizer", OPTIMIZERS, "adam"))
 
 
 def _one_line(err: OmegaConfBaseException) -> str:

@@ -16,12 +16,19 @@ import numpy as np
 from pipeline import backend, tracking
 from pipeline.config import Config, load_params
 from pipeline.errors import run_cli
-from pipeline.figures import plot_confusion_matrix, plot_learning_curves, save_figure
+from pipeline.figures import plot_confusion_matrix, plot_learning_curves, plot_roc_pr, save_figure
 from pipeline.files import read_json, write_json, write_text
 from pipeline.prepare import read_meta, read_split
 
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "learning_curves.png"
+ROC_PR_PNG = "roc_precision_recall.png"
+
+
+def curve_label(class_names: list[str]) -> str:
+    if len(class_names) == 2:
+        return f"positive class: {class_names[1]}"
+    return "micro-average over the classes, one vs rest"
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -44,23 +51,97 @@ def per_class_scores(matrix: np.ndarray, class_names: list[str]) -> dict[str, di
             for name, p, r, f, n in zip(class_names, precision, recall, f1, actual)}
 
 
+def class_probabilities(outputs: np.ndarray) -> np.ndarray:
+    """(n, classes) probabilities; one sigmoid unit p becomes the columns (1 - p, p)."""
+    if outputs.shape[1] == 1:
+        return np.concatenate([1.0 - outputs, outputs], axis=1)
+    return outputs
+
+
+def roc_curve(positive: np.ndarray, scores: np.ndarray):
+    """(false positive rate, true positive rate, thresholds), one point per distinct score."""
+    order = np.argsort(-scores, kind="stable")
+    scores, positive = scores[order], positive[order].astype(bool)
+    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # end of each tie group
+    tps = np.cumsum(positive)[last]
+    fps = last + 1 - tps
+    tpr = np.r_[0.0, tps / max(positive.sum(), 1)]
+    fpr = np.r_[0.0, fps / max((~positive).sum(), 1)]
+    return fpr, tpr, np.r_[np.inf, scores[last]]
+
+
+def precision_recall_curve(positive: np.ndarray, scores: np.ndarray):
+    """(recall, precision, thresholds), starting at recall 0 with precision 1."""
+    fpr, tpr, thresholds = roc_curve(positive, scores)
+    n_pos, n_neg = max(positive.sum(), 1), max((~positive.astype(bool)).sum(), 1)
+    tps, fps = tpr[1:] * n_pos, fpr[1:] * n_neg
+    precision = np.r_[1.0, tps / np.maximum(tps + fps, 1)]
+    return tpr, precision, thresholds
+
+
+def area_under(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
+
+
+def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
+    """Σ (R_n - R_{n-1}) P_n: the area under the step-wise precision-recall curve."""
+    return float(np.sum(np.diff(recall) * precision[1:]))
+
+
+def curve_scores(y: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(is positive, score) pairs: the positive class (index 1) for two classes, else
+    one-vs-rest over every class (micro average)."""
+    if probabilities.shape[1] == 2:
+        return y == 1, probabilities[:, 1]
+    one_hot = np.eye(probabilities.shape[1], dtype=bool)[y]
+    return one_hot.ravel(), probabilities.ravel()
+
+
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, class_names: list[str],
-             batch_size: int) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Return (metrics, confusion matrix, predicted labels) of `model` on (x, y)."""
-    probabilities = model.predict(x, batch_size=batch_size, verbose=0)
+             batch_size: int) -> tuple[dict, np.ndarray, np.ndarray, dict]:
+    """Return (metrics, confusion matrix, predicted labels, curves) of `model` on (x, y).
+
+    With two classes, precision, recall and F1 are the positive class's (index 1) and the
+    ROC and precision-recall curves score it; with more, the curves are micro-averaged
+    one-vs-rest.
+    """
+    probabilities = class_probabilities(model.predict(x, batch_size=batch_size, verbose=0))
     predicted = probabilities.argmax(axis=1)
     matrix = confusion_matrix(y, predicted, len(class_names))
+    # equal to the binary cross-entropy of a sigmoid output: -log p or -log(1 - p)
     loss = keras.losses.SparseCategoricalCrossentropy()(y, probabilities)
     scores = per_class_scores(matrix, class_names)
+    positive, score = curve_scores(y, probabilities)
+    fpr, tpr, roc_thresholds = roc_curve(positive, score)
+    recall, precision, pr_thresholds = precision_recall_curve(positive, score)
     metrics = {
         "test_loss": float(keras.ops.convert_to_numpy(loss)),
         "test_accuracy": float(np.mean(predicted == y)),
         "macro_precision": float(np.mean([s["precision"] for s in scores.values()])),
         "macro_recall": float(np.mean([s["recall"] for s in scores.values()])),
         "macro_f1": float(np.mean([s["f1"] for s in scores.values()])),
-        "per_class": scores,
+        "roc_auc": area_under(fpr, tpr),
+        "average_precision": average_precision(recall, precision),
     }
-    return metrics, matrix, predicted
+    if len(class_names) == 2:
+        metrics.update({k: scores[class_names[1]][k] for k in ("precision", "recall", "f1")})
+    metrics["per_class"] = scores
+    curves = {"roc": {"fpr": fpr, "tpr": tpr, "threshold": roc_thresholds},
+              "precision_recall": {"recall": recall, "precision": precision,
+                                   "threshold": pr_thresholds}}
+    return metrics, matrix, predicted, curves
+
+
+def curve_csv(curve: dict[str, np.ndarray], max_points: int = 1000) -> str:
+    """The curve as CSV for DVC's plots, thinned evenly to at most `max_points` rows."""
+    n = len(next(iter(curve.values())))
+    keep = np.unique(np.linspace(0, n - 1, min(n, max_points)).round().astype(int))
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(curve)
+    for i in keep:
+        writer.writerow(f"{curve[k][i]:.6g}" for k in curve)
+    return out.getvalue()
 
 
 def confusion_csv(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> str:
@@ -88,8 +169,9 @@ def run(cfg: Config, root: Path, out_root: Path) -> dict:
     with tracking.resume_run(cfg, root, run_id):
         import mlflow
 
-        metrics, matrix, predicted = evaluate(model, x_test, y_test, meta["class_names"],
-                                              cfg.trainer.batch_size)
+        metrics, matrix, predicted, curves = evaluate(model, x_test, y_test,
+                                                      meta["class_names"],
+                                                      cfg.trainer.batch_size)
         write_json(out_root / cfg.paths.metrics, metrics)
         write_text(out_root / cfg.paths.confusion,
                    confusion_csv(y_test, predicted, meta["class_names"]))
@@ -97,6 +179,11 @@ def run(cfg: Config, root: Path, out_root: Path) -> dict:
         save_figure(plot_confusion_matrix(matrix, meta["class_names"]), figures / CONFUSION_PNG)
         save_figure(plot_learning_curves(read_history(out_root / cfg.paths.history)),
                     figures / CURVES_PNG)
+        for name, path in (("roc", cfg.paths.roc),
+                           ("precision_recall", cfg.paths.precision_recall)):
+            write_text(out_root / path, curve_csv(curves[name]))
+        save_figure(plot_roc_pr(curves, metrics, curve_label(meta["class_names"])),
+                    figures / ROC_PR_PNG)
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
         mlflow.log_metrics({f"test_f1.{name}": s["f1"]
                             for name, s in metrics["per_class"].items()})
@@ -118,7 +205,7 @@ def print_summary(cfg: Config, out_root: Path, metrics: dict, run_id: str, uri: 
           f"  metrics  {show(cfg.paths.metrics)}\n"
           f"  plots    {show(cfg.paths.figures)}/, {show(cfg.paths.history)}, "
           f"{show(cfg.paths.confusion)}\n"
-          f"  MLflow   run {run_id} in {uri}\n"
+          f"  MLflow   run {run_id} in {tracking.shown_uri(uri)}\n"
           f"           open the UI: {tracking.ui_command(uri)}", flush=True)
 
 

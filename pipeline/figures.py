@@ -49,6 +49,27 @@ def plot_learning_curves(history: list[dict[str, float]]) -> plt.Figure:
     return fig
 
 
+def plot_roc_pr(curves: dict, metrics: dict, label: str) -> plt.Figure:
+    """The ROC curve and the precision-recall curve side by side, with their areas."""
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(10, 4.5), layout="constrained")
+    roc.plot(curves["roc"]["fpr"], curves["roc"]["tpr"],
+             label=f"ROC AUC {metrics['roc_auc']:.3f}")
+    roc.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    roc.set_xlabel("false positive rate")
+    roc.set_ylabel("true positive rate (recall)")
+    pr.plot(curves["precision_recall"]["recall"], curves["precision_recall"]["precision"],
+            label=f"average precision {metrics['average_precision']:.3f}")
+    pr.set_xlabel("recall")
+    pr.set_ylabel("precision")
+    for ax in (roc, pr):
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right" if ax is roc else "lower left")
+    fig.suptitle(f"ROC and precision-recall ({label})")
+    return fig
+
+
 def save_figure(fig: plt.Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)

@@ -26,17 +26,22 @@ def build_model(
     activation: str = "relu",
     dense_units: Sequence[int] = (128,),
     dropout: float = 0.0,
+    head: str = "auto",
+    augment: dict | None = None,
     name: str = "cnn",
 ) -> keras.Model:
-    """input -> scaling -> [conv (-> BN) -> activation] x n -> pool, per block -> dense -> softmax.
+    """input (-> augmentation) -> scaling -> [conv (-> BN) -> activation] x n -> pool, per
+    block -> dense -> softmax, or one sigmoid unit for a two-class detector.
 
-    The first layer standardises raw 0..255 pixels with the training set's mean and std (in
-    0..1 units), so the model takes raw images. The softmax is computed in float32 under
-    mixed precision.
+    The scaling layer standardises raw 0..255 pixels with the training set's mean and std (in
+    0..1 units), so the model takes raw images. Augmentation layers act only in training. The
+    output is computed in float32 under mixed precision.
     """
+    out_units, activation_out = output_head(head, num_classes)
     inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = augmentation(inputs, **(augment or {}))
     scale = 1.0 / (255.0 * pixel_std)
-    x = layers.Rescaling(scale, offset=-pixel_mean / pixel_std, name="standardize")(inputs)
+    x = layers.Rescaling(scale, offset=-pixel_mean / pixel_std, name="standardize")(x)
     if pad_input:
         x = layers.ZeroPadding2D(pad_input, name="pad")(x)
     for b, width in enumerate(filters, start=1):
@@ -57,9 +62,34 @@ def build_model(
         x = layers.Activation(activation, name=f"dense{d}_{activation}")(x)
         if dropout:
             x = layers.Dropout(dropout, name=f"dense{d}_dropout")(x)
-    x = layers.Dense(num_classes, name="logits")(x)
-    outputs = layers.Activation("softmax", dtype="float32", name="softmax")(x)
+    x = layers.Dense(out_units, name="logits")(x)
+    outputs = layers.Activation(activation_out, dtype="float32", name=activation_out)(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def output_head(head: str, num_classes: int) -> tuple[int, str]:
+    """(units, activation) of the output: `auto` is one sigmoid unit for two classes."""
+    if head == "sigmoid" or (head == "auto" and num_classes == 2):
+        if num_classes != 2:
+            raise ValueError(f"model.head=sigmoid needs two classes; the data has {num_classes}")
+        return 1, "sigmoid"
+    return num_classes, "softmax"
+
+
+def augmentation(x, flip: str = "none", translate: float = 0.0, rotate: float = 0.0,
+                 zoom: float = 0.0, contrast: float = 0.0):
+    """Random training-time transformations of raw images; identity at inference."""
+    if flip != "none":
+        x = layers.RandomFlip(flip, name="augment_flip")(x)
+    if translate:
+        x = layers.RandomTranslation(translate, translate, name="augment_translate")(x)
+    if rotate:
+        x = layers.RandomRotation(rotate, name="augment_rotate")(x)
+    if zoom:
+        x = layers.RandomZoom(zoom, name="augment_zoom")(x)
+    if contrast:
+        x = layers.RandomContrast(contrast, value_range=(0, 255), name="augment_contrast")(x)
+    return x
 
 
 def parameter_report(model: keras.Model) -> dict:

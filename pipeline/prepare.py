@@ -15,10 +15,12 @@ import numpy as np
 
 from pipeline.config import Config, load_params
 from pipeline.data import Dataset, load_dataset
+from pipeline.data.split import stratified_order
 from pipeline.errors import run_cli
 from pipeline.files import read_arrays, read_json, write_arrays, write_json
 
 SPLITS = ("train", "val", "test")
+IMBALANCE_NOTE_AT = 1.5
 META_FILE = "meta.json"
 
 
@@ -28,20 +30,6 @@ class Prepared:
 
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     meta: dict
-
-
-def stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A seeded permutation of indices whose every prefix keeps the class proportions.
-
-    Each example gets its relative rank within its (shuffled) class; sorting by that rank
-    interleaves the classes, so `order[:n]` is a stratified sample of size n.
-    """
-    perm = rng.permutation(len(labels))
-    rank = np.empty(len(labels))
-    for cls in np.unique(labels):
-        members = perm[labels[perm] == cls]
-        rank[members] = (np.arange(len(members)) + 0.5) / len(members)
-    return perm[np.argsort(rank[perm], kind="stable")]
 
 
 def prepare(data: Dataset, limit: int | None, val_fraction: float, seed: int) -> Prepared:
@@ -58,12 +46,15 @@ def prepare(data: Dataset, limit: int | None, val_fraction: float, seed: int) ->
     }
     x_train = splits["train"][0].astype(np.float64) / 255.0
     num_classes = len(data.class_names)
+    counts = np.bincount(splits["train"][1], minlength=num_classes)
     meta = {
         "class_names": list(data.class_names),
         "num_classes": num_classes,
         "input_shape": list(data.x_train.shape[1:]),
         "sizes": {name: int(len(y)) for name, (_, y) in splits.items()},
-        "train_class_counts": np.bincount(splits["train"][1], minlength=num_classes).tolist(),
+        "train_class_counts": counts.tolist(),
+        # largest over smallest class: 1.0 is balanced
+        "imbalance_ratio": float(counts.max() / max(counts.min(), 1)),
         # statistics of the training images, for the model's input scaling
         "pixel_mean": float(x_train.mean()),
         "pixel_std": float(x_train.std()),
@@ -88,12 +79,25 @@ def read_meta(prepared_dir: Path) -> dict:
 
 def run(cfg: Config, root: Path, out_root: Path) -> Prepared:
     """Load `cfg.data` (relative paths from `root`), prepare it, write it under `out_root`."""
-    data = load_dataset(cfg.data, root)
+    data = load_dataset(cfg.data, root, cfg.seed)
     prepared = prepare(data, cfg.data.limit, cfg.data.val_fraction, cfg.seed)
     write_prepared(prepared, out_root / cfg.paths.prepared)
     sizes = ", ".join(f"{k} {v}" for k, v in prepared.meta["sizes"].items())
     print(f"prepare: {cfg.data.name}: {sizes} -> {cfg.paths.prepared}/", flush=True)
+    for note in [*data.notes, imbalance_note(prepared.meta)]:
+        if note:
+            print(f"prepare: {note}", flush=True)
     return prepared
+
+
+def imbalance_note(meta: dict) -> str | None:
+    """A line on class imbalance when the largest class is 1.5x the smallest or more."""
+    if meta["imbalance_ratio"] < IMBALANCE_NOTE_AT:
+        return None
+    counts = ", ".join(f"{name} {n}" for name, n in
+                       zip(meta["class_names"], meta["train_class_counts"]))
+    return (f"class imbalance {meta['imbalance_ratio']:.1f}x in the training split ({counts}); "
+            "consider trainer.class_weight=balanced")
 
 
 def main() -> None:

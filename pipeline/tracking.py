@@ -279,6 +279,11 @@ def dvc_entry_point() -> str:
     return "dvc exp run" if os.environ.get("DVC_EXP_NAME") else "dvc repro"
 
 
+def shown_uri(uri: str) -> str:
+    """The URI as a person types it: without the SQLite busy timeout this module adds."""
+    return uri.split("?", 1)[0] if sqlite_path(uri) else uri
+
+
 def ui_command(uri: str) -> str:
     """The command that opens the MLflow UI on a store."""
-    return f"mlflow ui --backend-store-uri {uri}"
+    return f"mlflow ui --backend-store-uri {shown_uri(uri)}"

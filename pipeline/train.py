@@ -32,10 +32,12 @@ from pipeline.config import (
 )
 from pipeline.errors import TrainingError, run_cli
 from pipeline.files import atomic_path, write_json, write_text
-from pipeline.prepare import read_split
+from pipeline.prepare import read_meta, read_split
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
-COST_J = "sparse_categorical_crossentropy"  # averaged over the batch: the lecture's J
+# The lecture's cost J: cross-entropy averaged over the batch, for a softmax over the classes
+# or for one sigmoid unit (a two-class detector).
+COST_J = {"softmax": "sparse_categorical_crossentropy", "sigmoid": "binary_crossentropy"}
 
 
 def make_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int):
@@ -101,13 +103,25 @@ class EpochLog(keras.callbacks.Callback):
               f"lr {row['learning_rate']:.3g}  {seconds:.1f}s", flush=True)
 
 
+def output_kind(model: keras.Model) -> str:
+    """`sigmoid` for a one-unit detector output, else `softmax`."""
+    return "sigmoid" if model.output.shape[-1] == 1 else "softmax"
+
+
 def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
-    model.compile(optimizer=optimizer, loss=COST_J, metrics=["accuracy"])
+    model.compile(optimizer=optimizer, loss=COST_J[output_kind(model)], metrics=["accuracy"])
+
+
+def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
+    """n / (classes * count): each class contributes equally to J."""
+    counts = np.bincount(labels)
+    return {c: float(len(labels) / (len(counts) * n)) for c, n in enumerate(counts) if n}
 
 
 def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
           val_data: tuple[np.ndarray, np.ndarray], optimizer_cfg: OptimizerConfig,
-          epochs: int, batch_size: int, log_metrics=None) -> list[dict[str, float]]:
+          epochs: int, batch_size: int, log_metrics=None,
+          class_weight: dict[int, float] | None = None) -> list[dict[str, float]]:
     """Compile `model` with the configured optimizer and fit it; return the per-epoch rows.
 
     Raises:
@@ -117,7 +131,7 @@ def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
     compile_model(model, make_optimizer(optimizer_cfg, steps_per_epoch, epochs))
     log = EpochLog(epochs, log_metrics)
     model.fit(*train_data, validation_data=val_data, epochs=epochs, batch_size=batch_size,
-              shuffle=True, callbacks=[log], verbose=0)
+              shuffle=True, callbacks=[log], verbose=0, class_weight=class_weight)
     return log.rows
 
 
@@ -148,10 +162,9 @@ def _example_folder_created():
         keras_save._save_example = original
 
 
-def log_model(model: keras.Model, x_example: np.ndarray) -> None:
-    """Log the model with a signature and an input example, with pinned requirements.
-
-    Giving `pip_requirements` spares MLflow several seconds of inferring them.
+def log_model(model: keras.Model, x_example: np.ndarray, labels: dict) -> None:
+    """Log the model with a signature, an input example, the class names as metadata, and
+    pinned requirements (giving `pip_requirements` spares MLflow seconds of inferring them).
     """
     from importlib.metadata import version
 
@@ -161,9 +174,14 @@ def log_model(model: keras.Model, x_example: np.ndarray) -> None:
     signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
     with _example_folder_created():
         mlflow.keras.log_model(
-            model, name="model", signature=signature, input_example=example,
+            model, name="model", signature=signature, input_example=example, metadata=labels,
             pip_requirements=[f"keras=={version('keras')}",
                               f"tensorflow=={version('tensorflow')}"])
+
+
+def labels_of(meta: dict) -> dict:
+    """What a prediction needs besides the model: the class names, in output order."""
+    return {"class_names": meta["class_names"]}
 
 
 def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
@@ -188,12 +206,17 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
 
         mlflow.log_artifact(str(build_dir / REPORT_MD))
         mlflow.log_artifact(str(build_dir / REPORT_JSON))
+        weights = (balanced_class_weights(train_data[1])
+                   if cfg.trainer.class_weight == "balanced" else None)
         rows = train(model, train_data, val_data, cfg.optimizer, cfg.trainer.epochs,
-                     cfg.trainer.batch_size, log_metrics=mlflow.log_metrics)
+                     cfg.trainer.batch_size, log_metrics=mlflow.log_metrics,
+                     class_weight=weights)
         with atomic_path(out_root / cfg.paths.model) as tmp:
             model.save(tmp)
         write_text(out_root / cfg.paths.history, history_csv(rows))
-        log_model(model, train_data[0][:2])
+        labels = labels_of(read_meta(prepared))
+        write_json(out_root / cfg.paths.labels, labels)
+        log_model(model, train_data[0][:2], labels)
         run_id = active.info.run_id
         write_json(out_root / cfg.paths.run, {"run_id": run_id,
                                               "experiment_id": active.info.experiment_id})

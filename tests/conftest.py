@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.config import Config, validate
@@ -85,3 +86,24 @@ def mlflow_runs(project_dir: Path, experiment: str = "fashion-mnist-cnn"):
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def write_image_folder(dest: Path, data_dir: Path, classes: dict[str, int], per_class: int,
+                       size: tuple[int, int] = (32, 32), mode: str = "RGB",
+                       formats: tuple[str, ...] = ("png", "jpeg", "bmp", "gif")) -> Path:
+    """Real Fashion-MNIST images of the chosen classes as an image folder, one subfolder per
+    class, in several file formats (a stand-in for a user's own photos)."""
+    from PIL import Image
+
+    from pipeline.data.idx import read_idx
+
+    images = read_idx(data_dir / "t10k-images-idx3-ubyte")
+    labels = read_idx(data_dir / "t10k-labels-idx1-ubyte")
+    for name, label in classes.items():
+        folder = dest / name
+        folder.mkdir(parents=True)
+        for i, index in enumerate(np.flatnonzero(labels == label)[:per_class]):
+            image = Image.fromarray(images[index]).convert(mode).resize(size[::-1])
+            ext = formats[i % len(formats)]
+            image.save(folder / f"{i:04d}.{ext}")
+    return dest

@@ -12,7 +12,7 @@ from pipeline.errors import ConfigError
 from pipeline.params import compose_config, params_yaml, write_params
 from tests.conftest import REPO, compose
 
-GROUPS = ["data", "model", "optimizer", "trainer", "experiment"]
+GROUPS = ["data", "model", "augment", "optimizer", "trainer", "experiment"]
 
 
 @pytest.mark.parametrize("group,option",

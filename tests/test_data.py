@@ -10,8 +10,9 @@ import pytest
 
 from pipeline.data import fashion_mnist, fetch
 from pipeline.data.idx import decode_idx, encode_idx, read_idx
+from pipeline.data.split import stratified_order
 from pipeline.errors import DataError
-from pipeline.prepare import prepare, stratified_order
+from pipeline.prepare import prepare
 
 
 def test_idx_round_trip():
