@@ -41,6 +41,7 @@ params: setup
 	$(BIN)/python -m pipeline.params $(ARGS)
 
 repro: data
+	@$(BIN)/python -m pipeline.locks
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: data

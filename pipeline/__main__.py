@@ -10,6 +10,7 @@ MLflow run to the project's store.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import hydra
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import build, evaluate, prepare, tracking, train
 from pipeline.config import Config, validate
-from pipeline.errors import PipelineError, fail
+from pipeline.errors import PipelineError, as_pipeline_error, fail
 
 ENTRY_POINT = "python -m pipeline"
 
@@ -38,11 +39,20 @@ def main(raw: DictConfig) -> float:
     out_root = Path(hydra_cfg.runtime.output_dir)
     try:
         cfg = validate(OmegaConf.to_container(raw, resolve=True))
-        metrics = run_stages(cfg, tracking.project_root(), out_root,
-                             run_name=hydra_cfg.job.override_dirname or None)
-    except PipelineError as err:
+        root = tracking.project_root()
+        tracking.connect(tracking.tracking_uri(cfg.mlflow.tracking_uri, root))
+        metrics = run_stages(cfg, root, out_root, run_name=hydra_cfg.job.override_dirname or None)
+    except (PipelineError, OSError) as err:
+        known = as_pipeline_error(err)
+        if known is None:
+            raise
         shutil.rmtree(out_root, ignore_errors=True)  # a failed run leaves no partial outputs
-        fail(err)
+        fail(known)
+    except KeyboardInterrupt as err:
+        shutil.rmtree(out_root, ignore_errors=True)
+        print(f"interrupted ({err or 'SIGINT'}); the training checkpoint is kept: run the same "
+              "command again to resume", file=sys.stderr, flush=True)
+        sys.exit(getattr(err, "exit_code", 130))
     return metrics["test_accuracy"]
 
 

@@ -13,7 +13,7 @@ import keras
 from pipeline import backend
 from pipeline.config import AugmentConfig, Config, ModelConfig, load_params
 from pipeline.errors import ConfigError, run_cli
-from pipeline.files import atomic_path, write_json, write_text
+from pipeline.files import atomic_dir, write_json, write_text
 from pipeline.models import build_model, parameter_report, report_markdown
 from pipeline.prepare import read_meta
 
@@ -47,11 +47,10 @@ def run(cfg: Config, out_root: Path) -> keras.Model:
     meta = read_meta(out_root / cfg.paths.prepared)
     model = model_from_config(cfg.model, meta, cfg.augment)
     report = parameter_report(model)
-    out_dir = out_root / cfg.paths.build
-    with atomic_path(out_dir / MODEL_FILE) as tmp:
-        model.save(tmp)
-    write_json(out_dir / REPORT_JSON, report)
-    write_text(out_dir / REPORT_MD, report_markdown(report))
+    with atomic_dir(out_root / cfg.paths.build) as out_dir:  # appears whole or not at all
+        model.save(out_dir / MODEL_FILE)
+        write_json(out_dir / REPORT_JSON, report)
+        write_text(out_dir / REPORT_MD, report_markdown(report))
     print(f"build: {cfg.model.name}, {report['total_params']:,} parameters "
           f"-> {cfg.paths.build}/{MODEL_FILE}, {REPORT_MD}", flush=True)
     return model

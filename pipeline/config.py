@@ -299,6 +299,19 @@ class TrainerConfig:
 
 
 @dataclass
+class InvarianceConfig:
+    """The translation-invariance measurement in `evaluate`: the test images shifted by
+    1..max_shift pixels up, down, left and right (zero-filled)."""
+
+    max_shift: int = 4
+    baseline_run: str | None = None  # MLflow run id of a baseline (e.g. model=mlp) to compare
+
+    def __post_init__(self) -> None:
+        _require(self.max_shift > 0, "invariance.max_shift", self.max_shift,
+                 "must be a positive number of pixels", "4")
+
+
+@dataclass
 class MlflowConfig:
     """Where runs are logged. A null tracking_uri means SQLite `mlflow.db` at the project root."""
 
@@ -324,6 +337,7 @@ class PathsConfig:
     confusion: str = "outputs/evaluate/confusion.csv"
     roc: str = "outputs/evaluate/roc.csv"
     precision_recall: str = "outputs/evaluate/precision_recall.csv"
+    shift: str = "outputs/evaluate/shift.csv"
     figures: str = "outputs/evaluate/figures"
 
 
@@ -335,6 +349,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optimizer: OptimizerConfig = field(default_factory=AdamConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -34,14 +35,35 @@ def fail(err: PipelineError) -> NoReturn:
     sys.exit(err.exit_code)
 
 
-def run_cli(main: Callable[[], object]) -> None:
-    """Run an entry point; a PipelineError becomes one line on stderr and a non-zero exit.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT,
+                errno.EFBIG}
 
-    Set PIPELINE_DEBUG=1 to see the full traceback instead.
+
+def as_pipeline_error(err: BaseException) -> PipelineError | None:
+    """The user-facing form of an expected failure, or None for a bug."""
+    if isinstance(err, PipelineError):
+        return err
+    if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+        return PipelineError(f"cannot write {err.filename or 'an output'}: {err.strerror}; "
+                             "free some space or make the output folder writable, then rerun")
+    return None
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run an entry point; an expected failure becomes one line on stderr and a non-zero exit.
+
+    SIGTERM and Ctrl-C during training exit with 128 + the signal number. Set
+    PIPELINE_DEBUG=1 to see the full traceback instead.
     """
     try:
         main()
-    except PipelineError as err:
-        if os.environ.get("PIPELINE_DEBUG"):
+    except KeyboardInterrupt as err:
+        code = getattr(err, "exit_code", 130)
+        print(f"interrupted ({err or 'SIGINT'}); a training checkpoint, if any, is kept: "
+              "run the same command again to resume", file=sys.stderr, flush=True)
+        sys.exit(code)
+    except (PipelineError, OSError) as err:
+        known = as_pipeline_error(err)
+        if known is None or os.environ.get("PIPELINE_DEBUG"):
             raise
-        fail(err)
+        fail(known)

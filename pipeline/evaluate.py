@@ -1,7 +1,11 @@
-"""Stage `evaluate`: test loss and accuracy, per-class precision/recall/F1, confusion matrix.
+"""Stage `evaluate`: test loss and accuracy, per-class precision/recall/F1, confusion matrix,
+and the lecture's claims measured: translation invariance (accuracy on shifted test images,
+against a baseline's when `invariance.baseline_run` names one) and the first conv layer's
+filters and feature maps.
 
-Writes `paths.metrics` (for `dvc metrics show`), `paths.confusion` (a DVC confusion plot) and
-the PNG figures under `paths.figures`; adds all of it to the training run in MLflow.
+Writes `paths.metrics` (for `dvc metrics show`), `paths.confusion` (a DVC confusion plot),
+`paths.shift` (the shift curve, a DVC plot) and the PNG figures under `paths.figures`; adds all
+of it to the training run in MLflow.
 """
 
 from __future__ import annotations
@@ -13,16 +17,28 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline import backend, tracking
-from pipeline.config import Config, load_params
+from pipeline import anatomy, backend, invariance, tracking
+from pipeline.config import Config, flatten, load_params
 from pipeline.errors import run_cli
-from pipeline.figures import plot_confusion_matrix, plot_learning_curves, plot_roc_pr, save_figure
+from pipeline.figures import (
+    plot_confusion_matrix,
+    plot_feature_maps,
+    plot_filters,
+    plot_learning_curves,
+    plot_roc_pr,
+    plot_shift_curves,
+    save_figure,
+)
 from pipeline.files import read_json, write_json, write_text
 from pipeline.prepare import read_meta, read_split
 
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "learning_curves.png"
 ROC_PR_PNG = "roc_precision_recall.png"
+SHIFT_PNG = "shift_invariance.png"
+FILTERS_PNG = "first_layer_filters.png"
+FEATURE_MAPS_PNG = "feature_maps.png"
+FEATURE_MAP_IMAGES = 4  # test images whose feature maps are drawn: one of each of the first classes
 
 
 def curve_label(class_names: list[str]) -> str:
@@ -86,6 +102,12 @@ def area_under(x: np.ndarray, y: np.ndarray) -> float:
 def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
     """Σ (R_n - R_{n-1}) P_n: the area under the step-wise precision-recall curve."""
     return float(np.sum(np.diff(recall) * precision[1:]))
+
+
+def predict_labels(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The predicted class of each image, as `evaluate` scores it."""
+    outputs = model.predict(x, batch_size=batch_size, verbose=0)
+    return class_probabilities(outputs).argmax(axis=1)
 
 
 def curve_scores(y: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +175,35 @@ def confusion_csv(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]
     return out.getvalue()
 
 
+def shift_summary(curve: list[dict], baseline: list[dict] | None) -> dict:
+    """The `shift` section of the metrics: this model's summary, and the baseline's."""
+    summary = invariance.summarize(curve)
+    if baseline:
+        summary["baseline"] = invariance.summarize(baseline)
+    return summary
+
+
+def log_shift_curve(mlflow, curve: list[dict]) -> None:
+    """The curve as MLflow metrics with step = shift, where a baseline comparison reads it."""
+    for row in curve:
+        mlflow.log_metrics({name: row[key] for key, name in invariance.CURVE_METRICS.items()},
+                           step=row["shift"])
+
+
+def draw_first_layer(model: keras.Model, x: np.ndarray, y: np.ndarray, class_names: list[str],
+                     figures: Path) -> None:
+    """What the filters learned: the first conv layer's filters, and their feature maps for
+    one test image of each of the first classes. Nothing for a model without conv layers."""
+    conv = anatomy.first_conv_layer(model)
+    if conv is None:
+        return
+    picks = np.unique(y, return_index=True)[1][:FEATURE_MAP_IMAGES]
+    save_figure(plot_filters(anatomy.first_layer_filters(conv), conv.name), figures / FILTERS_PNG)
+    maps = anatomy.feature_maps(model, conv, x[picks])
+    save_figure(plot_feature_maps(x[picks], maps, [class_names[y[i]] for i in picks], conv.name),
+                figures / FEATURE_MAPS_PNG)
+
+
 def read_history(path: Path) -> list[dict[str, float]]:
     with Path(path).open() as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -169,9 +220,15 @@ def run(cfg: Config, root: Path, out_root: Path) -> dict:
     with tracking.resume_run(cfg, root, run_id):
         import mlflow
 
+        baseline_run = cfg.invariance.baseline_run
+        baseline = invariance.fetch_baseline(baseline_run, cfg) if baseline_run else None
         metrics, matrix, predicted, curves = evaluate(model, x_test, y_test,
                                                       meta["class_names"],
                                                       cfg.trainer.batch_size)
+        shift = invariance.shift_curve(
+            lambda images: predict_labels(model, images, cfg.trainer.batch_size),
+            x_test, y_test, cfg.invariance.max_shift)
+        metrics["shift"] = shift_summary(shift, baseline[1] if baseline else None)
         write_json(out_root / cfg.paths.metrics, metrics)
         write_text(out_root / cfg.paths.confusion,
                    confusion_csv(y_test, predicted, meta["class_names"]))
@@ -184,7 +241,15 @@ def run(cfg: Config, root: Path, out_root: Path) -> dict:
             write_text(out_root / path, curve_csv(curves[name]))
         save_figure(plot_roc_pr(curves, metrics, curve_label(meta["class_names"])),
                     figures / ROC_PR_PNG)
+        write_text(out_root / cfg.paths.shift, curve_csv(invariance.curve_columns(shift)))
+        shift_curves = {model.name: shift}
+        if baseline:
+            shift_curves[f"{baseline[0]} (baseline)"] = baseline[1]
+        save_figure(plot_shift_curves(shift_curves), figures / SHIFT_PNG)
+        draw_first_layer(model, x_test, y_test, meta["class_names"], figures)
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+        log_shift_curve(mlflow, shift)
+        mlflow.log_metrics(flatten({"shift": metrics["shift"]}))
         mlflow.log_metrics({f"test_f1.{name}": s["f1"]
                             for name, s in metrics["per_class"].items()})
         mlflow.log_artifacts(str(figures), artifact_path="figures")
@@ -194,6 +259,17 @@ def run(cfg: Config, root: Path, out_root: Path) -> dict:
     return metrics
 
 
+def shift_line(shift: dict, max_shift: int) -> str:
+    """Accuracy at the largest shift and the mean agreement, and the baseline's."""
+    line = (f"shifted {max_shift} px: accuracy {shift['accuracy_at_max_shift']:.4f}, "
+            f"mean agreement {shift['mean_agreement']:.4f}")
+    if "baseline" in shift:
+        base = shift["baseline"]
+        line += (f"  (baseline: accuracy {base['accuracy_at_max_shift']:.4f}, "
+                 f"mean agreement {base['mean_agreement']:.4f})")
+    return line
+
+
 def print_summary(cfg: Config, out_root: Path, metrics: dict, run_id: str, uri: str) -> None:
     def show(path: str) -> str:
         full = out_root / path
@@ -201,10 +277,11 @@ def print_summary(cfg: Config, out_root: Path, metrics: dict, run_id: str, uri: 
 
     print(f"\ntest accuracy {metrics['test_accuracy']:.4f}  (test loss {metrics['test_loss']:.4f}, "
           f"macro F1 {metrics['macro_f1']:.4f})\n"
+          f"  {shift_line(metrics['shift'], cfg.invariance.max_shift)}\n"
           f"  model    {show(cfg.paths.model)}\n"
           f"  metrics  {show(cfg.paths.metrics)}\n"
           f"  plots    {show(cfg.paths.figures)}/, {show(cfg.paths.history)}, "
-          f"{show(cfg.paths.confusion)}\n"
+          f"{show(cfg.paths.confusion)}, {show(cfg.paths.shift)}\n"
           f"  MLflow   run {run_id} in {tracking.shown_uri(uri)}\n"
           f"           open the UI: {tracking.ui_command(uri)}", flush=True)
 

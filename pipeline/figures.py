@@ -1,4 +1,5 @@
-"""Figures as PNG: the confusion matrix and the learning curves (matplotlib, no display)."""
+"""Figures as PNG (matplotlib, no display): the confusion matrix, the learning curves, ROC and
+precision-recall, the shift curves, and a conv layer's filters and feature maps."""
 
 from __future__ import annotations
 
@@ -74,3 +75,72 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
+
+
+def plot_shift_curves(curves: dict[str, list[dict[str, float]]]) -> plt.Figure:
+    """Test accuracy and agreement with the unshifted prediction against the shift in pixels,
+    one line per model (`curves`: label -> rows of shift, accuracy, agreement)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    for label, curve in curves.items():
+        shifts = [row["shift"] for row in curve]
+        for ax, key in zip(axes, ("accuracy", "agreement")):
+            ax.plot(shifts, [row[key] for row in curve], "o-", label=label)
+    for ax, label in zip(axes, ("test accuracy", "agreement with the unshifted prediction")):
+        ax.set_xlabel("shift (pixels, averaged over up, down, left, right)")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 1.02)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left")
+    fig.suptitle("Translation invariance: the test images shifted")
+    return fig
+
+
+def _image(ax: plt.Axes, pixels: np.ndarray, **kwargs) -> None:
+    """Draw (H, W, 1) or (H, W, 3) pixels without axes."""
+    ax.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels, **kwargs)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_filters(kernel: np.ndarray, layer: str) -> plt.Figure:
+    """Each filter of a conv layer's kernel (rows, cols, channels, filters): RGB for three
+    input channels (scaled per filter), else the mean over the channels in grey, mid-grey 0."""
+    count = kernel.shape[-1]
+    cols = min(count, 8)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.2 * rows + 0.5),
+                             layout="constrained", squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= count:
+            ax.axis("off")
+            continue
+        weights = kernel[..., i]
+        if weights.shape[-1] == 3:
+            low, high = weights.min(), weights.max()
+            _image(ax, (weights - low) / max(high - low, 1e-12))
+        else:
+            mean = weights.mean(axis=-1, keepdims=True)
+            limit = max(float(np.abs(mean).max()), 1e-12)
+            _image(ax, mean, cmap="gray", vmin=-limit, vmax=limit)
+        ax.set_title(str(i), fontsize=8)
+    fig.suptitle(f"Filters of {layer} ({kernel.shape[0]}×{kernel.shape[1]}×{kernel.shape[2]})")
+    return fig
+
+
+def plot_feature_maps(images: np.ndarray, maps: np.ndarray, labels: list[str], layer: str,
+                      max_maps: int = 8) -> plt.Figure:
+    """Per image (a row): the image, then its first `max_maps` feature maps from `layer`."""
+    count = min(maps.shape[-1], max_maps)
+    fig, axes = plt.subplots(len(images), count + 1, figsize=(1.3 * (count + 1),
+                                                              1.3 * len(images) + 0.5),
+                             layout="constrained", squeeze=False)
+    for image, image_maps, label, row in zip(images, maps, labels, axes):
+        _image(row[0], image, cmap="gray")
+        row[0].set_ylabel(label, fontsize=8)
+        for j in range(count):
+            _image(row[j + 1], image_maps[..., j:j + 1], cmap="magma")
+    for j in range(count):
+        axes[0, j + 1].set_title(f"filter {j}", fontsize=8)
+    fig.suptitle(f"Feature maps of {layer} for test images")
+    return fig

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import keras
 from keras import layers
+
+from pipeline.anatomy import layer_anatomy
 
 POOLING = {"max": layers.MaxPooling2D, "avg": layers.AveragePooling2D}
 
@@ -93,7 +96,12 @@ def augmentation(x, flip: str = "none", translate: float = 0.0, rotate: float = 
 
 
 def parameter_report(model: keras.Model) -> dict:
-    """Per layer: name, type, output shape and parameter count; totals for the model."""
+    """Per layer: name, type, output shape and parameter count; per conv layer also its dense
+    equivalent and per conv and pooling layer its receptive field (see `pipeline.anatomy`).
+    Totals for the model, and for the model with every conv layer replaced by its dense
+    equivalent (the other layers as they are).
+    """
+    anatomy = layer_anatomy(model)
     rows = []
     for layer in model.layers:
         shape = layer.output.shape if hasattr(layer, "output") else None
@@ -102,23 +110,55 @@ def parameter_report(model: keras.Model) -> dict:
             "type": type(layer).__name__,
             "output_shape": [d for d in shape[1:]] if shape is not None else None,
             "params": int(layer.count_params()),
+            **anatomy.get(layer.name, {}),
         })
+    total = int(model.count_params())
     trainable = sum(int(keras.ops.size(w)) for w in model.trainable_weights)
+    extra = sum(row["dense_equivalent"] - row["params"] for row in rows
+                if "dense_equivalent" in row)
     return {
         "model": model.name,
         "layers": rows,
-        "total_params": int(model.count_params()),
+        "total_params": total,
         "trainable_params": trainable,
+        "dense_equivalent_params": total + extra,
+        "input_shape": list(model.inputs[0].shape[1:]),
     }
 
 
+def _anatomy_cells(row: dict, input_values: int) -> str:
+    """The dense-equivalent and receptive-field cells of one row of the Markdown table."""
+    dense = ratio = field = seen = ""
+    if "dense_equivalent" in row:
+        dense, ratio = f"{row['dense_equivalent']:,}", f"{row['dense_ratio']:,.0f}×"
+    if "receptive_field" in row:
+        rf = row["receptive_field"]
+        field = f"{rf['rows']}×{rf['cols']}"
+        seen = f"{rf['input_values']:,} of {input_values:,} ({rf['input_share']:.1%})"
+    return f"{dense} | {ratio} | {field} | {seen}"
+
+
 def report_markdown(report: dict) -> str:
-    """The parameter report as a Markdown table."""
+    """The parameter report as a Markdown table, with the dense equivalents and receptive
+    fields, and a note that reads them."""
+    input_values = math.prod(report["input_shape"])
+    image = "×".join(str(d) for d in report["input_shape"])
     lines = [f"# Parameters of `{report['model']}`", "",
-             "| layer | type | output shape | parameters |", "|---|---|---|---:|"]
+             "| layer | type | output shape | parameters | dense equivalent | ratio "
+             "| receptive field | input values seen |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for row in report["layers"]:
         shape = "×".join(str(d) for d in row["output_shape"] or [])
-        lines.append(f"| {row['layer']} | {row['type']} | {shape} | {row['params']:,} |")
-    lines += ["", f"Total: {report['total_params']:,} parameters "
-                  f"({report['trainable_params']:,} trainable).", ""]
+        lines.append(f"| {row['layer']} | {row['type']} | {shape} | {row['params']:,} | "
+                     f"{_anatomy_cells(row, input_values)} |")
+    total, dense = report["total_params"], report["dense_equivalent_params"]
+    lines += ["", f"Total: {total:,} parameters ({report['trainable_params']:,} trainable)."]
+    if dense != total:
+        lines += ["", f"Dense equivalent: {dense:,} parameters, {dense / total:,.0f}× as many. "
+                      "That is the model with every conv layer replaced by a fully connected "
+                      "layer between the same input and output sizes (weights + biases), the "
+                      "other layers as they are: parameter sharing saves the difference."]
+    lines += ["", f"Receptive field: the input pixels (rows×cols, and values with the channels) "
+                  f"one output unit of a conv or pooling layer depends on. A unit of a fully "
+                  f"connected layer sees the whole {image} input: {input_values:,} values.", ""]
     return "\n".join(lines)

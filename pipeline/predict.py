@@ -10,9 +10,10 @@ searched, with their subfolders, for .png, .jpg, .jpeg, .bmp and .gif files.
 
 The model takes raw 0..255 pixels and scales them itself (its first layer), so the only
 preprocessing here is what its input shape asks for: grayscale or RGB by its channel count,
-resized to its height and width. The class names come from `labels.json` beside a `.keras`
-file, or from the metadata the train stage logs with the MLflow model; without them the class
-indices serve as names. A two-class detector has one sigmoid output, the probability of its
+resized to its height and width, each file read as the `image_folder` data source reads
+training images. The class names come from `labels.json` beside a `.keras` file, or from the
+metadata the train stage logs with the MLflow model; without them the class indices serve as
+names. A two-class detector has one sigmoid output, the probability of its
 second class.
 """
 
@@ -27,27 +28,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from pipeline import tracking
 from pipeline.config import PathsConfig
+from pipeline.data.image_folder import EXTENSIONS, read_image
 from pipeline.errors import PipelineError, run_cli
 from pipeline.files import read_json
 
 if TYPE_CHECKING:
     import keras
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
-COLOR_MODES = {1: "L", 3: "RGB"}  # the model's channel count -> Pillow's mode
-RESAMPLING = Image.Resampling.BILINEAR
+COLOR_MODES = {1: "grayscale", 3: "rgb"}  # the model's channels -> data.color_mode
 LABELS_FILE = Path(PathsConfig.labels).name  # written beside the trained model
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 MLFLOW_URI_PREFIXES = ("runs:/", "models:/")
 BATCH_SIZE = 64
 # What keras.models.load_model raises for a file that is not a Keras model.
 NOT_A_MODEL = (ValueError, OSError, KeyError, TypeError)
-# What Pillow raises for a file that is not an image it can decode.
-NOT_AN_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class PredictError(PipelineError):
@@ -67,10 +64,10 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
     for path in map(Path, paths):
         if path.is_dir():
             images = sorted(p for p in path.rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                            if p.is_file() and p.suffix.lower() in EXTENSIONS)
             if not images:
                 raise PredictError(f"folder {str(path)!r} holds no image files "
-                                   f"({' '.join(IMAGE_SUFFIXES)}); give a folder with images "
+                                   f"({' '.join(EXTENSIONS)}); give a folder with images "
                                    "or the image files themselves")
             found.extend(images)
         elif path.exists():
@@ -100,7 +97,7 @@ def load_predictor(model_ref: str,
         uri = tracking_uri or tracking.tracking_uri(None, tracking.project_root())
         return _load_logged_model(model_ref, uri)
     raise PredictError(f"model {model_ref!r} not found: no such file, nor an MLflow run id or "
-                       f"runs:/ or models:/ URI; give the trained model (e.g. "
+                       f"runs:/ or models:/ URI; give a trained .keras file (dvc repro writes "
                        f"{PathsConfig.model}), a run id or a models:/ URI")
 
 
@@ -144,7 +141,8 @@ def _load_logged_model(model_ref: str, uri: str) -> tuple[keras.Model, list[str]
         metadata = mlflow.models.get_model_info(model_uri).metadata
         model = mlflow.keras.load_model(model_uri, load_model_kwargs={"compile": False})
     except MlflowException as err:
-        raise PredictError(f"cannot load the MLflow model {model_ref!r} from {uri} "
+        raise PredictError(f"cannot load the MLflow model {model_ref!r} from "
+                           f"{tracking.shown_uri(uri)} "
                            f"({_first_line(err)}); copy the run id or model URI from the "
                            "MLflow UI, or pass --tracking-uri for another store") from err
     return _checked(model, metadata, f"the MLflow metadata of {model_ref}")
@@ -206,43 +204,28 @@ def image_shape(model: keras.Model) -> tuple[int, int, int]:
 
 
 def load_images(paths: Sequence[Path],
-                shape: tuple[int, int, int]) -> tuple[np.ndarray, list[tuple[int, int] | None]]:
+                shape: tuple[int, int, int]) -> tuple[np.ndarray, list[bool]]:
     """Read the images as the model takes them: raw float32 pixels 0..255.
 
-    Each is turned upright by its EXIF orientation, converted to grayscale or RGB by the
-    channel count, and resized (bilinear, aspect ratio not kept) when its size differs.
+    Each is converted to grayscale or RGB by the channel count and resized (bilinear, aspect
+    ratio not kept) when its size differs, as the training images were.
 
     Args:
         shape: (height, width, channels), see `image_shape`.
 
     Returns:
-        The images, (N, height, width, channels), and per image its original (width, height)
-        when it was resized, else None.
+        The images, (N, height, width, channels), and per image whether it was resized.
 
     Raises:
-        PredictError: a file is not an image Pillow can read.
+        DataError: a file is not an image Pillow can read.
     """
     height, width, channels = shape
     images = np.empty((len(paths), height, width, channels), dtype=np.float32)
-    resized_from: list[tuple[int, int] | None] = []
+    resized = []
     for i, path in enumerate(paths):
-        image = read_image(path, COLOR_MODES[channels])
-        resized_from.append(None if image.size == (width, height) else image.size)
-        if image.size != (width, height):
-            image = image.resize((width, height), RESAMPLING)
-        images[i] = np.asarray(image, dtype=np.float32).reshape(height, width, channels)
-    return images, resized_from
-
-
-def read_image(path: Path, mode: str) -> Image.Image:
-    """The image at `path`, upright, in Pillow mode `mode` ("L" or "RGB")."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return ImageOps.exif_transpose(image).convert(mode)
-    except NOT_AN_IMAGE as err:
-        raise PredictError(f"{str(path)!r} is not a readable image ({_first_line(err)}); give "
-                           "a PNG, JPEG, BMP or GIF file, or remove it") from err
+        images[i], was_resized = read_image(path, (height, width), COLOR_MODES[channels])
+        resized.append(was_resized)
+    return images, resized
 
 
 def predict(model: keras.Model, images: np.ndarray, class_names: Sequence[str]) -> list[dict]:
@@ -277,25 +260,25 @@ def top_classes(prediction: dict, k: int | None) -> dict[str, float]:
     return dict(ranked[:k])
 
 
-def format_line(path: Path, prediction: dict, k: int,
-                resized_from: tuple[int, int] | None) -> str:
-    """`path<TAB>class<TAB>probability`, with the next k-1 classes and a resize note."""
+def format_line(path: Path, prediction: dict, k: int, resized_to: str | None = None) -> str:
+    """`path<TAB>class<TAB>probability`, with the next k-1 classes and, for an image that was
+    resized, `(resized to <resized_to>)` (height x width, as `data.image_size`)."""
     cells = [str(path)]
     for name, p in top_classes(prediction, k).items():
         cells += [name, f"{p:.4f}"]
-    if resized_from:
-        cells.append("(resized from {}x{})".format(*resized_from))
+    if resized_to:
+        cells.append(f"(resized to {resized_to})")
     return "\t".join(cells)
 
 
-def records(paths: Sequence[Path], predictions: Sequence[dict],
-            resized: Sequence[tuple[int, int] | None], k: int | None) -> list[dict[str, Any]]:
+def records(paths: Sequence[Path], predictions: Sequence[dict], resized: Sequence[bool],
+            k: int | None) -> list[dict[str, Any]]:
     """The `--json` output: per image its path, class, probability, the probabilities of all
-    (or the top k) classes, and its original [width, height] when resized, else null."""
+    (or the top k) classes, and whether it was resized."""
     return [{"path": str(path), "class": p["class"], "probability": p["probability"],
              "probabilities": top_classes(p, k) if k else p["probabilities"],
-             "resized_from": list(size) if size else None}
-            for path, p, size in zip(paths, predictions, resized)]
+             "resized": was_resized}
+            for path, p, was_resized in zip(paths, predictions, resized)]
 
 
 def _first_line(err: BaseException) -> str:
@@ -329,13 +312,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.top is not None and not 1 <= args.top <= len(class_names):
         raise PredictError(f"--top {args.top}: the model has {len(class_names)} classes; "
                            f"choose 1 to {len(class_names)}")
-    images, resized = load_images(paths, image_shape(model))
+    height, width, channels = image_shape(model)
+    images, resized = load_images(paths, (height, width, channels))
     predictions = predict(model, images, class_names)
     if args.json:
         print(json.dumps(records(paths, predictions, resized, args.top), indent=2))
         return
-    for path, prediction, size in zip(paths, predictions, resized):
-        print(format_line(path, prediction, args.top or 1, size))
+    for path, prediction, was_resized in zip(paths, predictions, resized):
+        print(format_line(path, prediction, args.top or 1,
+                          f"{height}x{width}" if was_resized else None))
 
 
 if __name__ == "__main__":

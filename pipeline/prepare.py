@@ -17,7 +17,7 @@ from pipeline.config import Config, load_params
 from pipeline.data import Dataset, load_dataset
 from pipeline.data.split import stratified_order
 from pipeline.errors import run_cli
-from pipeline.files import read_arrays, read_json, write_arrays, write_json
+from pipeline.files import atomic_dir, read_arrays, read_json, write_arrays, write_json
 
 SPLITS = ("train", "val", "test")
 IMBALANCE_NOTE_AT = 1.5
@@ -63,9 +63,11 @@ def prepare(data: Dataset, limit: int | None, val_fraction: float, seed: int) ->
 
 
 def write_prepared(prepared: Prepared, out_dir: Path) -> None:
-    for name, (x, y) in prepared.splits.items():
-        write_arrays(out_dir / f"{name}.npz", x=x, y=y.astype(np.int64))
-    write_json(out_dir / META_FILE, prepared.meta)
+    """Write the splits and meta.json; the folder appears whole or not at all."""
+    with atomic_dir(out_dir) as tmp:
+        for name, (x, y) in prepared.splits.items():
+            write_arrays(tmp / f"{name}.npz", x=x, y=y.astype(np.int64))
+        write_json(tmp / META_FILE, prepared.meta)
 
 
 def read_split(prepared_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import Config, flatten, to_dict
+from pipeline.errors import PipelineError
 
 DEFAULT_STORE = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -34,6 +35,10 @@ SWEEP_PARENT_TAG = "sweep.parent"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests the run under its parent
 ENV_SWEEP_ID = "PIPELINE_SWEEP_ID"  # set by the Hydra multirun callback for its jobs
 ENV_PARENT_RUN_ID = "PIPELINE_PARENT_RUN_ID"
+
+
+class TrackingError(PipelineError):
+    """The MLflow store cannot be used."""
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -132,6 +137,8 @@ def connect(uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     database = sqlite_path(uri)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     if database is not None:
         if "?" not in uri:
             uri = f"{uri}?timeout={SQLITE_BUSY_TIMEOUT_S}"
@@ -140,6 +147,22 @@ def connect(uri: str) -> None:
         with file_lock(database.with_name(f"{database.name}.lock")):
             MlflowClient(uri).search_experiments(max_results=1)
     mlflow.set_tracking_uri(uri)
+
+
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, before any training, when an MLflow server does not answer.
+
+    There is no silent fallback to the local store: runs would land where nobody looks.
+    """
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as err:
+        raise TrackingError(
+            f"the MLflow server {uri} is not reachable ({type(err).__name__}); start it "
+            "(mlflow server --host 127.0.0.1 --port PORT) or set mlflow.tracking_uri=null to "
+            "log to the local store mlflow.db") from None
 
 
 def _connect(cfg: Config, root: Path):
@@ -272,6 +295,18 @@ def resume_run(cfg: Config, root: Path, run_id: str) -> Iterator[Any]:
     run = mlflow.start_run(run_id=run_id)
     with _ending(mlflow):
         yield run
+
+
+def link_resumed_run(previous: str, current: str) -> None:
+    """Tag both runs with each other; end the interrupted one KILLED if it is still RUNNING
+    (its process was killed before it could end it)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if client.get_run(previous).info.status == "RUNNING":
+        client.set_terminated(previous, "KILLED")
+    client.set_tag(previous, "pipeline.resumed_by", current)
+    client.set_tag(current, "pipeline.resumed_from", previous)
 
 
 def dvc_entry_point() -> str:

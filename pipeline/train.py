@@ -21,6 +21,13 @@ import numpy as np
 
 from pipeline import backend, tracking
 from pipeline.build import MODEL_FILE, REPORT_JSON, REPORT_MD
+from pipeline.checkpoints import (
+    CHECKPOINTS_DIR,
+    Checkpoint,
+    LossGuard,
+    fingerprint,
+    stop_cleanly_on_signals,
+)
 from pipeline.config import (
     AdamConfig,
     AdamWConfig,
@@ -31,8 +38,8 @@ from pipeline.config import (
     load_params,
 )
 from pipeline.errors import TrainingError, run_cli
-from pipeline.files import atomic_path, write_json, write_text
-from pipeline.prepare import read_meta, read_split
+from pipeline.files import atomic_path, removed_on_failure, write_json, write_text
+from pipeline.prepare import META_FILE, read_meta, read_split
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 # The lecture's cost J: cross-entropy averaged over the batch, for a softmax over the classes
@@ -76,11 +83,12 @@ class EpochLog(keras.callbacks.Callback):
     """Adds the learning rate to the epoch logs, checks the loss, prints one line per epoch,
     and hands the metrics to `log_metrics(metrics, step)` (MLflow) when given."""
 
-    def __init__(self, epochs: int, log_metrics=None):
+    def __init__(self, epochs: int, log_metrics=None, rows=None, on_rows=None):
         super().__init__()
         self.epochs = epochs
         self.log_metrics = log_metrics
-        self.rows: list[dict[str, float]] = []
+        self.rows: list[dict[str, float]] = list(rows or [])  # epochs completed before a resume
+        self.on_rows = on_rows  # called with all rows after each epoch (the checkpoint)
         self._start = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -94,6 +102,8 @@ class EpochLog(keras.callbacks.Callback):
             raise TrainingError(f"the loss became {row['loss']} in epoch {epoch + 1}: training "
                                 "diverged; lower optimizer.learning_rate (e.g. by 10x)")
         self.rows.append(row)
+        if self.on_rows:
+            self.on_rows(self.rows)
         if self.log_metrics:
             self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         seconds = time.perf_counter() - self._start
@@ -121,17 +131,28 @@ def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
 def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
           val_data: tuple[np.ndarray, np.ndarray], optimizer_cfg: OptimizerConfig,
           epochs: int, batch_size: int, log_metrics=None,
-          class_weight: dict[int, float] | None = None) -> list[dict[str, float]]:
+          class_weight: dict[int, float] | None = None,
+          checkpoint: Checkpoint | None = None) -> list[dict[str, float]]:
     """Compile `model` with the configured optimizer and fit it; return the per-epoch rows.
 
+    With a checkpoint, training resumes from its last completed epoch and saves each epoch;
+    SIGTERM or Ctrl-C stop it after the current step (TrainingInterrupted).
+
     Raises:
-        TrainingError: when the loss stops being finite.
+        TrainingError: at the first step whose loss is not finite.
+        TrainingInterrupted: on SIGTERM or SIGINT.
     """
     steps_per_epoch = math.ceil(len(train_data[0]) / batch_size)
     compile_model(model, make_optimizer(optimizer_cfg, steps_per_epoch, epochs))
-    log = EpochLog(epochs, log_metrics)
-    model.fit(*train_data, validation_data=val_data, epochs=epochs, batch_size=batch_size,
-              shuffle=True, callbacks=[log], verbose=0, class_weight=class_weight)
+    callbacks: list[keras.callbacks.Callback] = [LossGuard()]
+    if checkpoint:
+        callbacks.append(checkpoint.callback())
+    log = EpochLog(epochs, log_metrics, rows=checkpoint.completed_epochs() if checkpoint else [],
+                   on_rows=checkpoint.save_epochs if checkpoint else None)
+    with stop_cleanly_on_signals(model):
+        model.fit(*train_data, validation_data=val_data, epochs=epochs, batch_size=batch_size,
+                  shuffle=True, callbacks=[*callbacks, log], verbose=0,
+                  class_weight=class_weight)
     return log.rows
 
 
@@ -201,16 +222,22 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
           f"batch {cfg.trainer.batch_size}, {len(train_data[1])} images, on "
           f"{backend.describe_devices()}", flush=True)
     data_path = Path(cfg.data.path) if Path(cfg.data.path).is_absolute() else root / cfg.data.path
-    with tracking.start_run(cfg, root, entry_point, data_path, run_name) as active:
+    checkpoint = Checkpoint(tracking.project_root(root) / CHECKPOINTS_DIR / fingerprint(
+        cfg, model, prepared / META_FILE))
+    outputs = [out_root / p for p in (cfg.paths.model, cfg.paths.history, cfg.paths.labels,
+                                      cfg.paths.run)]
+    with removed_on_failure(*outputs), \
+            tracking.start_run(cfg, root, entry_point, data_path, run_name) as active:
         import mlflow
 
+        resume_after(checkpoint, active.info.run_id, mlflow.log_metrics)
         mlflow.log_artifact(str(build_dir / REPORT_MD))
         mlflow.log_artifact(str(build_dir / REPORT_JSON))
         weights = (balanced_class_weights(train_data[1])
                    if cfg.trainer.class_weight == "balanced" else None)
         rows = train(model, train_data, val_data, cfg.optimizer, cfg.trainer.epochs,
                      cfg.trainer.batch_size, log_metrics=mlflow.log_metrics,
-                     class_weight=weights)
+                     class_weight=weights, checkpoint=checkpoint)
         with atomic_path(out_root / cfg.paths.model) as tmp:
             model.save(tmp)
         write_text(out_root / cfg.paths.history, history_csv(rows))
@@ -220,7 +247,22 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
         run_id = active.info.run_id
         write_json(out_root / cfg.paths.run, {"run_id": run_id,
                                               "experiment_id": active.info.experiment_id})
+    checkpoint.remove()
     return run_id
+
+
+def resume_after(checkpoint: Checkpoint, run_id: str, log_metrics) -> None:
+    """Link this run to the interrupted one whose checkpoint it resumes, and carry over the
+    epochs completed there; a run left RUNNING by a killed process is marked KILLED."""
+    previous, done = checkpoint.previous_run_id(), checkpoint.completed_epochs()
+    checkpoint.save_run_id(run_id)
+    if not previous or previous == run_id:
+        return
+    tracking.link_resumed_run(previous, run_id)
+    for row in done:
+        log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+    print(f"train: resuming after epoch {len(done)} from the checkpoint of interrupted run "
+          f"{previous}", flush=True)
 
 
 def main() -> None:
