@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data browser params repro test test-slow clean
+.PHONY: bench setup data browser params repro test test-slow clean
 
 # The virtual environment, re-installed when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -49,6 +49,10 @@ test: data
 
 test-slow: data browser
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m slow $(ARGS)
+
+# Throughput of the train stage against a bare model.fit; appends to benchmarks/results.md
+bench: data
+	$(BIN)/python benchmarks/throughput.py $(ARGS)
 
 clean:
 	rm -rf runs outputs

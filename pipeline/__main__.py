@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import build, evaluate, prepare, tracking, train
+from pipeline import build, evaluate, invariance, prepare, tracking, train
 from pipeline.config import Config, validate
 from pipeline.errors import PipelineError, as_pipeline_error, fail
 
@@ -41,6 +41,8 @@ def main(raw: DictConfig) -> float:
         cfg = validate(OmegaConf.to_container(raw, resolve=True))
         root = tracking.project_root()
         tracking.connect(tracking.tracking_uri(cfg.mlflow.tracking_uri, root))
+        if cfg.invariance.baseline_run:  # a bad baseline fails now, not after training
+            invariance.fetch_baseline(cfg.invariance.baseline_run, cfg)
         metrics = run_stages(cfg, root, out_root, run_name=hydra_cfg.job.override_dirname or None)
     except (PipelineError, OSError) as err:
         known = as_pipeline_error(err)

@@ -109,4 +109,4 @@ def first_layer_filters(layer: keras.layers.Layer) -> np.ndarray:
 def feature_maps(model: keras.Model, layer: keras.layers.Layer, images: np.ndarray) -> np.ndarray:
     """The output of `layer` for raw `images`: (n, H', W', filters), one map per filter."""
     probe = keras.Model(model.input, layer.output)
-    return np.asarray(probe.predict(images, verbose=0))
+    return np.asarray(probe.predict(images, verbose=0), dtype=np.float32)

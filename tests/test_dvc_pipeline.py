@@ -106,10 +106,11 @@ def test_logged_model_loads_and_predicts(reproduced):
 def test_dvc_metrics_plots_and_params_views(reproduced):
     project, _, _ = reproduced
     shown = run(["dvc", "metrics", "show"], project).stdout
-    assert "test_accuracy" in shown
+    assert "test_accuracy" in shown and "shift.accuracy_at_max_shift" in shown
     plots = run(["dvc", "plots", "show", "-o", "plots_html"], project)
     html = (project / "plots_html" / "index.html").read_text()
     assert "learning curves" in html and "confusion matrix" in html, plots.stdout
+    assert "translation invariance" in html and "ROC" in html
     diff = run(["dvc", "params", "diff", "--all"], project).stdout
     assert "optimizer.learning_rate" in diff
 

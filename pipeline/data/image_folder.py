@@ -48,16 +48,18 @@ def read_image(path: Path, size: tuple[int, int], mode: str) -> tuple[np.ndarray
     Raises:
         DataError: the file is not a readable image.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            image = image.convert(PIL_MODES[mode])
+            # upright as the camera meant it (phone photos carry the rotation in EXIF)
+            image = ImageOps.exif_transpose(image).convert(PIL_MODES[mode])
             resized = image.size != (size[1], size[0])
             if resized:
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError) as err:
         raise DataError(f"{path} is not a readable image ({type(err).__name__}); "
                         "remove or replace it") from None
     return (array[..., np.newaxis] if array.ndim == 2 else array), resized

@@ -1,0 +1,151 @@
+"""Throughput of the pipeline's train stage against a bare `model.fit`, on the same machine.
+
+    make bench            # python benchmarks/throughput.py [--rounds 3 --epochs 2 --images 12800]
+
+Both ways train the same model (the default config's) from the same initial weights on the same
+prepared Fashion-MNIST arrays for the same number of steps, alternating bare / pipeline so that
+drifts in machine load hit both. The pipeline way is the train stage's own `train()` inside an
+MLflow run with everything on (per-epoch MLflow logging, the loss guard, the resumable
+checkpoint, the progress line); the bare way is `model.compile` + `model.fit` on in-memory
+arrays with `verbose=0`. The last line is `pipeline/bare throughput ratio: X.XX`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import keras  # noqa: E402
+
+from pipeline import backend, tracking  # noqa: E402
+from pipeline.build import model_from_config  # noqa: E402
+from pipeline.checkpoints import Checkpoint  # noqa: E402
+from pipeline.config import validate  # noqa: E402
+from pipeline.data import load_dataset  # noqa: E402
+from pipeline.params import compose_config  # noqa: E402
+from pipeline.prepare import prepare  # noqa: E402
+from pipeline.train import compile_model, make_optimizer, train  # noqa: E402
+
+
+class FirstStep(keras.callbacks.Callback):
+    """Seconds from `fit` being called to the end of the first training step."""
+
+    def __init__(self, started: float):
+        super().__init__()
+        self.started, self.seconds = started, None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.seconds is None:
+            self.seconds = time.perf_counter() - self.started
+
+
+def bare(model, cfg, data, epochs):
+    x, y = data["train"]
+    compile_model(model, make_optimizer(cfg.optimizer, len(x) // cfg.trainer.batch_size, epochs))
+    start = time.perf_counter()
+    first = FirstStep(start)
+    model.fit(x, y, validation_data=data["val"], epochs=epochs,
+              batch_size=cfg.trainer.batch_size, shuffle=True, verbose=0, callbacks=[first])
+    return time.perf_counter() - start, first.seconds, 0.0
+
+
+def pipeline(model, cfg, data, epochs, workdir):
+    import mlflow
+
+    logging_seconds = []
+
+    def timed_log(metrics, step):
+        t = time.perf_counter()
+        mlflow.log_metrics(metrics, step=step)
+        logging_seconds.append(time.perf_counter() - t)
+
+    checkpoint = Checkpoint(Path(tempfile.mkdtemp(dir=workdir)))
+    with tracking.start_run(cfg, ROOT, "benchmark", ROOT / cfg.data.path):
+        start = time.perf_counter()
+        first = FirstStep(start)
+        model.fit = _with_callback(model.fit, first)
+        train(model, data["train"], data["val"], cfg.optimizer, epochs, cfg.trainer.batch_size,
+              log_metrics=timed_log, checkpoint=checkpoint)
+        seconds = time.perf_counter() - start
+    return seconds, first.seconds, statistics.mean(logging_seconds)
+
+
+def _with_callback(fit, extra):
+    def fit_with(*args, callbacks=(), **kwargs):
+        return fit(*args, callbacks=[*callbacks, extra], **kwargs)
+    return fit_with
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--images", type=int, default=12_800, help="training images per epoch")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    cfg = validate(compose_config([f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+                                   "mlflow.experiment_name=benchmark"]))
+    backend.configure(cfg.seed, cfg.trainer.deterministic, cfg.trainer.precision)
+    prepared = prepare(load_dataset(cfg.data, ROOT), None, cfg.data.val_fraction, cfg.seed)
+    data = {"train": tuple(a[:args.images] for a in prepared.splits["train"]),
+            "val": tuple(a[:1000] for a in prepared.splits["val"])}
+    initial = model_from_config(cfg.model, prepared.meta, cfg.augment)
+    weights = initial.get_weights()
+    images = args.epochs * (len(data["train"][1]) // cfg.trainer.batch_size) \
+        * cfg.trainer.batch_size
+
+    results = {"bare": [], "pipeline": []}
+    for r in range(args.rounds):
+        for way in ("bare", "pipeline"):
+            model = keras.models.clone_model(initial)
+            model.set_weights(weights)
+            seconds, first_step, log_cost = (
+                bare(model, cfg, data, args.epochs) if way == "bare"
+                else pipeline(model, cfg, data, args.epochs, workdir))
+            results[way].append((seconds, first_step, log_cost))
+            print(f"round {r + 1} {way:8s} {images / seconds:7.0f} images/s  "
+                  f"first step {first_step:.2f}s  total {seconds:.1f}s", flush=True)
+
+    def median(way, i):
+        return statistics.median(x[i] for x in results[way])
+
+    rate = {way: images / median(way, 0) for way in results}
+    ratio = rate["pipeline"] / rate["bare"]
+    lines = [
+        f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+        f"{platform.processor() or platform.machine()}, Keras {keras.__version__} "
+        f"({keras.backend.backend()}), {backend.describe_devices()}",
+        "",
+        f"`python benchmarks/throughput.py --rounds {args.rounds} --epochs {args.epochs} "
+        f"--images {args.images}` (model {cfg.model.name}, batch {cfg.trainer.batch_size}, "
+        f"{images} training images per run, medians of {args.rounds} alternating rounds)",
+        "",
+        "| way | images/s | time to first step | MLflow logging per epoch |",
+        "|---|---:|---:|---:|",
+        f"| bare `model.fit` | {rate['bare']:.0f} | {median('bare', 1):.2f} s | - |",
+        f"| pipeline train stage | {rate['pipeline']:.0f} | {median('pipeline', 1):.2f} s | "
+        f"{median('pipeline', 2) * 1000:.0f} ms |",
+        "",
+        f"pipeline/bare throughput ratio: {ratio:.2f}",
+        "",
+    ]
+    with args.out.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[4:-3]))
+    print(f"results appended to {args.out}")
+    print(f"pipeline/bare throughput ratio: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
