@@ -193,9 +193,13 @@ def run_name(run: Run) -> str:
 def run_labels(runs: Sequence[Run], keys: Sequence[str]) -> list[str]:
     """One legend label per run from its values of `keys`: `optimizer.name=adam, ...`.
 
-    Keys a run lacks are left out; the run name is put first where the label would be empty
-    or the same as another run's.
+    Keys some run lacks (an optimizer's own hyper-parameters) are left out when the keys every
+    run has already tell the runs apart; the run name is put first where the label would be
+    empty or the same as another run's.
     """
+    shared = [key for key in keys if all(key in run.data.params for run in runs)]
+    if shared and len({tuple(run.data.params[k] for k in shared) for run in runs}) == len(runs):
+        keys = shared
     labels = [", ".join(f"{key}={run.data.params[key]}" for key in keys if key in run.data.params)
               for run in runs]
     return [label if label and labels.count(label) == 1

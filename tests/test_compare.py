@@ -197,9 +197,17 @@ def test_run_labels_name_the_differing_values(store):
     runs = select_runs(store.client, sweep_id=SWEEP)
     assert run_labels(runs, differing_params(runs)) == [
         "optimizer.learning_rate=0.01, optimizer.name=gd",
-        "optimizer.learning_rate=0.01, optimizer.momentum=0.9, optimizer.name=momentum",
+        "optimizer.learning_rate=0.01, optimizer.name=momentum",
         "optimizer.learning_rate=0.001, optimizer.name=adam",
+    ]  # optimizer.momentum, which gd and adam lack, is not needed to tell the runs apart
+    assert run_labels(runs, ["optimizer.learning_rate", "optimizer.momentum"]) == [
+        "optimizer.learning_rate=0.01",  # the rate alone does not tell sgd from momentum,
+        "optimizer.learning_rate=0.01, optimizer.momentum=0.9",  # so momentum stays
+        "optimizer.learning_rate=0.001",
     ]
+    assert run_labels(runs, ["optimizer.learning_rate"]) == [
+        "sgd: optimizer.learning_rate=0.01", "momentum: optimizer.learning_rate=0.01",
+        "optimizer.learning_rate=0.001"]  # run names where labels would repeat
     assert run_labels(runs, []) == ["sgd", "momentum", "adam"]
 
 
