@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import QUICK, env, mlflow_runs, run
+from tests.servers import free_port
 
 # long enough to be interrupted after the first epoch, short enough for CI
 LONGER = ["data.limit=3000", "trainer.epochs=3", "model=small_cnn", "trainer.batch_size=32"]
@@ -141,12 +141,6 @@ def test_an_orphaned_stage_is_named_with_the_command_to_stop_it(project):
         assert f"kill {orphan.pid}" in result.stderr.strip().splitlines()[-1]
     finally:
         orphan.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_mlflow_server_fails_before_any_work(project):

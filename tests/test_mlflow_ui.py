@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -28,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import MlflowConfig
 from pipeline.tracking import PARENT_RUN_TAG, SWEEP_ID_TAG, SWEEP_PARENT_TAG
+from tests.servers import free_port, stop, wait_until_ok
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +42,6 @@ RUNS_WINDOW = (1400, 1000)
 COMPARE_WINDOW = (1800, 1600)
 BROWSER_TIMEOUT_S = 60
 SERVER_START_TIMEOUT_S = 60
-SERVER_STOP_TIMEOUT_S = 15
 
 EXPERIMENT = MlflowConfig().experiment_name
 SWEEP_ID = "sweep-ui-0001"
@@ -137,12 +132,6 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
     return Sweep(store, experiment_id, child_ids)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def server_env() -> dict[str, str]:
     """This interpreter's tools first on PATH; no telemetry, no background job runners."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -150,33 +139,6 @@ def server_env() -> dict[str, str]:
     environ.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
                    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     return environ
-
-
-def wait_healthy(base_url: str, server: subprocess.Popen, log: Path) -> None:
-    """Poll /health until it answers 200; fail with the server log if it exits or times out."""
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited {server.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.2)  # poll interval, not a stand-in for synchronisation
-    pytest.fail(f"mlflow server not healthy after {SERVER_START_TIMEOUT_S} s:\n{log.read_text()}")
-
-
-def stop(server: subprocess.Popen) -> None:
-    """End the server and the workers it started (its own process group)."""
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=SERVER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=SERVER_STOP_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +155,7 @@ def server(sweep: Sweep, chromium: Path) -> Iterator[str]:
         proc = subprocess.Popen(cmd, cwd=sweep.store.parent, env=server_env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_healthy(base_url, proc, log)
+        wait_until_ok(f"{base_url}/health", proc, log, SERVER_START_TIMEOUT_S)
         yield base_url
     finally:
         stop(proc)

@@ -112,3 +112,22 @@ def test_gd_has_no_momentum_and_momentum_has():
     momentum = make_optimizer(compose("optimizer=momentum").optimizer)
     assert gd.momentum == 0.0
     assert momentum.momentum == 0.9
+
+
+def test_mixed_precision_builds_and_trains_with_a_float32_output():
+    from pipeline import backend
+    from pipeline.train import train
+
+    cfg = compose("model=small_cnn", "trainer.precision=mixed_bfloat16")
+    backend.configure(cfg.seed, deterministic=False, precision=cfg.trainer.precision)
+    try:
+        model = model_from_config(cfg.model, META)
+        assert model.get_layer("block1_conv1").compute_dtype == "bfloat16"
+        assert model.output.dtype == "float32"  # the softmax stays in float32
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (64, 28, 28, 1)).astype("float32")
+        y = rng.integers(0, 10, 64)
+        rows = train(model, (x, y), (x[:16], y[:16]), cfg.optimizer, epochs=1, batch_size=32)
+        assert np.isfinite(rows[0]["loss"])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

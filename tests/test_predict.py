@@ -6,11 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -40,6 +37,7 @@ from pipeline.predict import (
 )
 from pipeline.train import log_model
 from tests.conftest import REPO, env
+from tests.servers import free_port, stop, wait_until_ok
 
 CLASSIFIER_SHAPE = (28, 28, 1)
 FILE_NAMES = ["ankle boot", "bag", "coat"]  # labels.json beside the .keras file
@@ -49,7 +47,6 @@ DETECTOR_NAMES = ["dark", "bright"]  # the second is the positive class
 REGISTERED = "predict-test"
 BILINEAR = Image.Resampling.BILINEAR
 SERVER_START_TIMEOUT_S = 120
-SERVER_STOP_TIMEOUT_S = 15
 
 YY, XX = np.mgrid[0:28, 0:28]
 # Grayscale 28x28 pictures, unlike each other so that the model's classes differ between them.
@@ -488,38 +485,6 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(tmp, classifier, store, case
 
 # --- serving -------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_ping(base_url: str, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow models serve exited {server.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{base_url}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)  # poll interval, not a stand-in for synchronisation
-    pytest.fail(f"no answer on /ping after {SERVER_START_TIMEOUT_S} s:\n{log.read_text()}")
-
-
-def stop(server: subprocess.Popen) -> None:
-    """End the server and the uvicorn worker it started (its own process group)."""
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=SERVER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=SERVER_STOP_TIMEOUT_S)
-
-
 @pytest.mark.slow
 def test_the_served_model_predicts_what_predict_does(store, images, tmp, request):
     port = free_port()
@@ -533,7 +498,7 @@ def test_the_served_model_predicts_what_predict_does(store, images, tmp, request
         server = subprocess.Popen(cmd, cwd=tmp, env=environ, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     request.addfinalizer(lambda: stop(server))
-    wait_for_ping(base_url, server, log)
+    wait_until_ok(f"{base_url}/ping", server, log, SERVER_START_TIMEOUT_S, poll_s=0.5)
 
     model, names = load_predictor(store.model_uri, store.uri)
     loaded, _ = load_images(images.paths[4:5], image_shape(model))  # the RGB one, as gray
