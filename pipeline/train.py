@@ -37,10 +37,11 @@ from pipeline.config import (
     RMSPropConfig,
     load_params,
 )
-from pipeline.errors import TrainingError, run_cli
+from pipeline.errors import run_cli
 from pipeline.files import atomic_path, removed_on_failure, write_json, write_text
 from pipeline.prepare import META_FILE, read_meta, read_split
 
+BACKEND_PACKAGES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 # The lecture's cost J: cross-entropy averaged over the batch, for a softmax over the classes
 # or for one sigmoid unit (a two-class detector).
@@ -80,7 +81,7 @@ def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
 
 
 class EpochLog(keras.callbacks.Callback):
-    """Adds the learning rate to the epoch logs, checks the loss, prints one line per epoch,
+    """Adds the learning rate to the epoch logs, prints one line per epoch,
     and hands the metrics to `log_metrics(metrics, step)` (MLflow) when given."""
 
     def __init__(self, epochs: int, log_metrics=None, rows=None, on_rows=None):
@@ -98,9 +99,6 @@ class EpochLog(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         logs["learning_rate"] = current_learning_rate(self.model.optimizer)
         row = {"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_FIELDS[1:] if k in logs}}
-        if not math.isfinite(row["loss"]):
-            raise TrainingError(f"the loss became {row['loss']} in epoch {epoch + 1}: training "
-                                "diverged; lower optimizer.learning_rate (e.g. by 10x)")
         self.rows.append(row)
         if self.on_rows:
             self.on_rows(self.rows)
@@ -197,7 +195,8 @@ def log_model(model: keras.Model, x_example: np.ndarray, labels: dict) -> None:
         mlflow.keras.log_model(
             model, name="model", signature=signature, input_example=example, metadata=labels,
             pip_requirements=[f"keras=={version('keras')}",
-                              f"tensorflow=={version('tensorflow')}"])
+                              f"{BACKEND_PACKAGES[keras.backend.backend()]}=="
+                              f"{version(BACKEND_PACKAGES[keras.backend.backend()])}"])
 
 
 def labels_of(meta: dict) -> dict:
