@@ -10,7 +10,6 @@ MLflow run to the project's store.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import hydra
@@ -19,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import build, evaluate, invariance, prepare, tracking, train
 from pipeline.config import Config, validate
-from pipeline.errors import PipelineError, as_pipeline_error, fail
+from pipeline.errors import PipelineError, as_pipeline_error, exit_interrupted, fail
 
 ENTRY_POINT = "python -m pipeline"
 
@@ -52,9 +51,7 @@ def main(raw: DictConfig) -> float:
         fail(known)
     except KeyboardInterrupt as err:
         shutil.rmtree(out_root, ignore_errors=True)
-        print(f"interrupted ({err or 'SIGINT'}); the training checkpoint is kept: run the same "
-              "command again to resume", file=sys.stderr, flush=True)
-        sys.exit(getattr(err, "exit_code", 130))
+        exit_interrupted(err)
     return metrics["test_accuracy"]
 
 

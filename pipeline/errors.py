@@ -49,6 +49,13 @@ def as_pipeline_error(err: BaseException) -> PipelineError | None:
     return None
 
 
+def exit_interrupted(err: KeyboardInterrupt) -> NoReturn:
+    """One line on stderr; exit with 128 + the signal number (130 for a plain Ctrl-C)."""
+    print(f"interrupted ({err or 'SIGINT'}); a training checkpoint, if any, is kept: run the "
+          "same command again to resume", file=sys.stderr, flush=True)
+    sys.exit(getattr(err, "exit_code", 130))
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run an entry point; an expected failure becomes one line on stderr and a non-zero exit.
 
@@ -58,10 +65,7 @@ def run_cli(main: Callable[[], object]) -> None:
     try:
         main()
     except KeyboardInterrupt as err:
-        code = getattr(err, "exit_code", 130)
-        print(f"interrupted ({err or 'SIGINT'}); a training checkpoint, if any, is kept: "
-              "run the same command again to resume", file=sys.stderr, flush=True)
-        sys.exit(code)
+        exit_interrupted(err)
     except (PipelineError, OSError) as err:
         known = as_pipeline_error(err)
         if known is None or os.environ.get("PIPELINE_DEBUG"):
