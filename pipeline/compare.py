@@ -366,8 +366,8 @@ def log_to_parent(client: MlflowClient, runs: Sequence[Run],
 
 def open_client(uri: str) -> MlflowClient:
     """A client of the store at `uri`; a SQLite store must exist (MLflow would create it)."""
-    database = tracking.sqlite_path(uri)
-    if database is not None and not database.is_file():
+    database = tracking.missing_store(uri)
+    if database:
         raise CompareError(f"no MLflow store at {database}; train a run first (dvc repro) "
                            "or pass --tracking-uri")
     return MlflowClient(tracking_uri=uri)

@@ -227,7 +227,7 @@ def run(cfg: Config, root: Path, out_root: Path) -> dict:
                                                       cfg.trainer.batch_size)
         shift = invariance.shift_curve(
             lambda images: predict_labels(model, images, cfg.trainer.batch_size),
-            x_test, y_test, cfg.invariance.max_shift)
+            x_test, y_test, cfg.invariance.max_shift, reference=predicted)
         metrics["shift"] = shift_summary(shift, baseline[1] if baseline else None)
         write_json(out_root / cfg.paths.metrics, metrics)
         write_text(out_root / cfg.paths.confusion,

@@ -49,23 +49,26 @@ def directions(shift: int) -> list[tuple[int, int]]:
 
 
 def shift_curve(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
-                labels: np.ndarray, max_shift: int) -> list[dict[str, float]]:
+                labels: np.ndarray, max_shift: int,
+                reference: np.ndarray | None = None) -> list[dict[str, float]]:
     """Accuracy and agreement with the unshifted prediction for each shift 0..max_shift.
 
     Args:
         predict: raw images (n, H, W, C) -> predicted class indices (n,).
         images, labels: the test set.
         max_shift: the largest shift in pixels.
+        reference: the predictions on the unshifted images, when the caller has them.
 
     Returns:
         One row per shift: {"shift", "accuracy", "agreement"}, each averaged over the four
         directions.
     """
-    reference = predict(shift_images(images, 0, 0))
+    if reference is None:
+        reference = predict(images)
     curve = []
     for shift in range(max_shift + 1):
-        predicted = np.concatenate([predict(shift_images(images, rows, cols))
-                                    for rows, cols in directions(shift)])
+        predicted = reference if shift == 0 else np.concatenate(
+            [predict(shift_images(images, rows, cols)) for rows, cols in directions(shift)])
         repeats = len(predicted) // len(labels)
         curve.append({"shift": shift,
                       "accuracy": float(np.mean(predicted == np.tile(labels, repeats))),

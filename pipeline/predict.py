@@ -131,8 +131,8 @@ def _load_logged_model(model_ref: str, uri: str) -> tuple[keras.Model, list[str]
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    database = tracking.sqlite_path(uri)
-    if database is not None and not database.is_file():
+    database = tracking.missing_store(uri)
+    if database:
         raise PredictError(f"no MLflow store at {database} to find {model_ref!r} in; train a "
                            "run first (dvc repro) or pass --tracking-uri")
     tracking.connect(uri)

@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
 
     root = tracking.project_root()
     uri = args.tracking_uri or tracking.tracking_uri(None, root)
+    if tracking.missing_store(uri):
+        raise ReproduceError(f"no MLflow store at {tracking.missing_store(uri)}; pass "
+                             "--tracking-uri")
     tracking.connect(uri)
     try:
         run = MlflowClient().get_run(args.run_id)

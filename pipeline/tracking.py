@@ -126,6 +126,13 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
+def missing_store(uri: str) -> Path | None:
+    """The database file of a local SQLite store that does not exist yet (MLflow would create
+    it, empty, on first use), else None."""
+    database = sqlite_path(uri)
+    return database if database is not None and not database.is_file() else None
+
+
 def connect(uri: str) -> None:
     """Point MLflow at `uri`.
 
