@@ -278,6 +278,8 @@ OPTIMIZERS: dict[str, type[OptimizerConfig]] = {
     "adamw": AdamWConfig,
 }
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+JIT_COMPILE = ("auto", True, False)
+DISTRIBUTE = ("none", "mirrored", "multi_worker")
 
 
 @dataclass
@@ -287,8 +289,14 @@ class TrainerConfig:
     precision: str = "float32"
     deterministic: bool = True  # TensorFlow op determinism: bit-identical runs on CPU
     class_weight: str = "none"  # none | balanced: weight classes by inverse frequency
+    jit_compile: Any = "auto"  # auto | true | false; auto: XLA on GPUs, not on CPUs
+    distribute: str = "none"  # none | mirrored (GPUs of one machine) | multi_worker (machines)
 
     def __post_init__(self) -> None:
+        _require(self.jit_compile in JIT_COMPILE, "trainer.jit_compile", self.jit_compile,
+                 "choose auto, true or false", "auto")
+        _require(self.distribute in DISTRIBUTE, "trainer.distribute", self.distribute,
+                 f"choose one of {', '.join(DISTRIBUTE)}", "none")
         _require(self.class_weight in ("none", "balanced"), "trainer.class_weight",
                  self.class_weight, "choose none or balanced", "balanced")
         _require(self.epochs > 0, "trainer.epochs", self.epochs, "must be a positive integer", "10")

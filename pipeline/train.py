@@ -116,8 +116,12 @@ def output_kind(model: keras.Model) -> str:
     return "sigmoid" if model.output.shape[-1] == 1 else "softmax"
 
 
-def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
-    model.compile(optimizer=optimizer, loss=COST_J[output_kind(model)], metrics=["accuracy"])
+def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                  jit_compile: bool | str = "auto") -> None:
+    """`jit_compile="auto"` is Keras's rule: on TensorFlow, XLA on GPUs and off on CPUs (where
+    it made a small CNN several times slower); JAX always compiles with XLA."""
+    model.compile(optimizer=optimizer, loss=COST_J[output_kind(model)], metrics=["accuracy"],
+                  jit_compile=jit_compile)
 
 
 def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
@@ -130,7 +134,8 @@ def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
           val_data: tuple[np.ndarray, np.ndarray], optimizer_cfg: OptimizerConfig,
           epochs: int, batch_size: int, log_metrics=None,
           class_weight: dict[int, float] | None = None,
-          checkpoint: Checkpoint | None = None) -> list[dict[str, float]]:
+          checkpoint: Checkpoint | None = None,
+          jit_compile: bool | str = "auto") -> list[dict[str, float]]:
     """Compile `model` with the configured optimizer and fit it; return the per-epoch rows.
 
     With a checkpoint, training resumes from its last completed epoch and saves each epoch;
@@ -141,7 +146,7 @@ def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
         TrainingInterrupted: on SIGTERM or SIGINT.
     """
     steps_per_epoch = math.ceil(len(train_data[0]) / batch_size)
-    compile_model(model, make_optimizer(optimizer_cfg, steps_per_epoch, epochs))
+    compile_model(model, make_optimizer(optimizer_cfg, steps_per_epoch, epochs), jit_compile)
     callbacks: list[keras.callbacks.Callback] = [LossGuard()]
     if checkpoint:
         callbacks.append(checkpoint.callback())
@@ -236,7 +241,8 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
                    if cfg.trainer.class_weight == "balanced" else None)
         rows = train(model, train_data, val_data, cfg.optimizer, cfg.trainer.epochs,
                      cfg.trainer.batch_size, log_metrics=mlflow.log_metrics,
-                     class_weight=weights, checkpoint=checkpoint)
+                     class_weight=weights, checkpoint=checkpoint,
+                     jit_compile=cfg.trainer.jit_compile)
         with atomic_path(out_root / cfg.paths.model) as tmp:
             model.save(tmp)
         write_text(out_root / cfg.paths.history, history_csv(rows))
