@@ -18,13 +18,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import build, evaluate, invariance, prepare, tracking, train
 from pipeline.config import Config, validate
-from pipeline.errors import PipelineError, as_pipeline_error, exit_interrupted, fail
+from pipeline.errors import ConfigError, PipelineError, as_pipeline_error, exit_interrupted, fail
 
 ENTRY_POINT = "python -m pipeline"
 
 
 def run_stages(cfg: Config, root: Path, out_root: Path, run_name: str | None = None) -> dict:
     """prepare -> build -> train -> evaluate, with inputs from `root`, outputs under `out_root`."""
+    if cfg.trainer.distribute == "multi_worker":  # prepare, build, evaluate once, not N times
+        raise ConfigError("trainer.distribute=multi_worker: run prepare and build once, then the "
+                          "train stage in every process (python -m pipeline.train); see README, "
+                          "'Several GPUs or machines'")
     prepare.run(cfg, root, out_root)
     build.run(cfg, out_root)
     train.run(cfg, root, out_root, ENTRY_POINT, run_name)

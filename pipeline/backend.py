@@ -1,14 +1,18 @@
 """Everything that talks to TensorFlow directly lives here; the rest of the code is Keras 3.
 
 Each function also works on another Keras backend (JAX, PyTorch), where it skips what only
-TensorFlow offers.
+TensorFlow offers or does the backend's own equivalent; none of them needs TensorFlow
+installed unless the backend is TensorFlow.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import keras
+
+XLA_DETERMINISM_FLAG = "--xla_gpu_deterministic_ops=true"
 
 
 def is_tensorflow() -> bool:
@@ -20,6 +24,11 @@ def configure(seed: int, deterministic: bool, precision: str = "float32") -> Non
 
     With op determinism on, the same params on the same data give bit-identical results on CPU.
     """
+    # JAX logs at INFO which accelerator plugins it did not find ("Unable to initialize
+    # backend 'tpu'") when its first computation starts a backend.
+    logging.getLogger("jax").setLevel(logging.WARNING)
+    if deterministic and keras.backend.backend() == "jax":
+        use_deterministic_xla_kernels()
     keras.utils.set_random_seed(seed)
     if is_tensorflow():
         import tensorflow as tf
@@ -32,6 +41,15 @@ def configure(seed: int, deterministic: bool, precision: str = "float32") -> Non
     # reports through absl's logger, which stays at warnings.
     keras.config.disable_interactive_logging()
     logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def use_deterministic_xla_kernels() -> None:
+    """JAX's counterpart of TensorFlow's op determinism: XLA's deterministic GPU kernels (XLA
+    on CPU is deterministic already). XLA reads XLA_FLAGS once, when JAX starts its backend at
+    the first computation, so this comes before any."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_deterministic_ops" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {XLA_DETERMINISM_FLAG}".strip()
 
 
 def describe_devices() -> str:
@@ -47,3 +65,22 @@ def describe_devices() -> str:
         gpus = [d for d in jax.devices() if d.platform == "gpu"]
         return f"{len(gpus)} GPU" if gpus else "CPU"
     return keras.backend.backend()
+
+
+def mirrored_strategy():
+    """tf.distribute's MirroredStrategy: one model replica per GPU of this machine, or per
+    logical CPU device where TensorFlow was given several (tests) and there is no GPU.
+
+    Raises:
+        ConfigError: the Keras backend is not TensorFlow.
+    """
+    if not is_tensorflow():
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"trainer.distribute=mirrored: needs KERAS_BACKEND=tensorflow, not "
+                          f"{keras.backend.backend()}; on JAX use trainer.distribute=multi_worker "
+                          "(one process per machine, all its GPUs)")
+    import tensorflow as tf
+
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([device.name for device in devices])

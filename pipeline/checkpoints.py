@@ -100,10 +100,25 @@ class LossGuard(keras.callbacks.Callback):
                                 "training diverged; lower optimizer.learning_rate (e.g. by 10x)")
 
 
+class StopOnSignal(keras.callbacks.Callback):
+    """Ends `fit` at the end of the step during which a signal came, before the epoch's end:
+    `model.stop_training` alone would let `fit` run the epoch-end callbacks, which would
+    checkpoint and log the cut-short epoch as completed, so the resume would skip its rest."""
+
+    def __init__(self, received: list[int]):
+        super().__init__()
+        self.received = received
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.received:
+            raise TrainingInterrupted(self.received[0])
+
+
 @contextmanager
-def stop_cleanly_on_signals(model: keras.Model) -> Iterator[None]:
-    """SIGTERM and SIGINT ask `fit` to stop after the current step, then raise
-    TrainingInterrupted; a second signal interrupts at once."""
+def stop_cleanly_on_signals(model: keras.Model) -> Iterator[keras.callbacks.Callback]:
+    """SIGTERM and SIGINT stop `fit` after the current step, then raise TrainingInterrupted;
+    a second signal interrupts at once. Give `fit` the callback this yields: a signal during
+    a step ends training there, one between steps (validation, epoch end) after that epoch."""
     received: list[int] = []
 
     def handler(signum, frame):
@@ -114,7 +129,7 @@ def stop_cleanly_on_signals(model: keras.Model) -> Iterator[None]:
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield StopOnSignal(received)
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)

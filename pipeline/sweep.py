@@ -4,7 +4,8 @@ Registered in `conf/config.yaml` under `hydra.callbacks`. At the start of a mult
 callback creates the parent run (tag `sweep.id`) and hands its id to the jobs through the
 environment (inherited by launcher subprocesses too); at the end it writes the comparison
 report into the sweep folder, logs it to the parent and ends the parent FINISHED. A sweep that
-dies on the way ends its parent FAILED when the process exits.
+dies on the way ends its parent FAILED when the process exits, and ends KILLED the runs of
+jobs whose processes were killed (a parallel launcher kills the other jobs when one fails).
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ class MlflowSweep(Callback):
     def __init__(self) -> None:
         self.parent_run_id: str | None = None
         self.sweep_id: str | None = None
+        self.experiment_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         root = tracking.project_root()
         tracking.connect(tracking.tracking_uri(config.mlflow.tracking_uri, root))
-        experiment_id = tracking.ensure_experiment(config.mlflow.experiment_name)
+        self.experiment_id = tracking.ensure_experiment(config.mlflow.experiment_name)
         self.sweep_id = config.mlflow.sweep_id or new_sweep_id()
         overrides = " ".join(config.hydra.overrides.task)
         self.parent_run_id = tracking.create_sweep_parent(
-            experiment_id, self.sweep_id,
+            self.experiment_id, self.sweep_id,
             {"pipeline.entry_point": "python -m pipeline -m", "sweep.overrides": overrides})
         os.environ[tracking.ENV_SWEEP_ID] = self.sweep_id
         os.environ[tracking.ENV_PARENT_RUN_ID] = self.parent_run_id
@@ -66,6 +68,11 @@ class MlflowSweep(Callback):
             return
         from mlflow.tracking import MlflowClient
 
+        if status == "FAILED":
+            killed = tracking.end_orphaned_runs(self.experiment_id, self.sweep_id)
+            if killed:
+                print(f"sweep {self.sweep_id}: {len(killed)} killed job(s) ended KILLED in MLflow",
+                      flush=True)
         MlflowClient().set_terminated(self.parent_run_id, status)
         self.parent_run_id = None
         for name in (tracking.ENV_SWEEP_ID, tracking.ENV_PARENT_RUN_ID):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ SWEEP_PARENT_TAG = "sweep.parent"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests the run under its parent
 ENV_SWEEP_ID = "PIPELINE_SWEEP_ID"  # set by the Hydra multirun callback for its jobs
 ENV_PARENT_RUN_ID = "PIPELINE_PARENT_RUN_ID"
+HOST_TAG = "pipeline.host"  # where the run's process ran: tells a killed run from a live one
+PID_TAG = "pipeline.pid"
 
 
 class TrackingError(PipelineError):
@@ -86,8 +89,9 @@ def data_md5(data_path: Path) -> str | None:
 
 
 def lineage_tags(root: Path, data_path: Path, entry_point: str) -> dict[str, str]:
-    """Tags that trace a run back to its code, data and experiment."""
-    tags = {"pipeline.entry_point": entry_point}
+    """Tags that trace a run back to its code, data, experiment and the process that ran it."""
+    tags = {"pipeline.entry_point": entry_point, HOST_TAG: socket.gethostname(),
+            PID_TAG: str(os.getpid())}
     commit = _git(root, "rev-parse", "HEAD")
     if commit:
         tags["git.commit"] = commit
@@ -264,6 +268,36 @@ def dvc_sweep_parent(cfg: Config, root: Path, experiment_id: str) -> tuple[str, 
             # a container for the queue's runs: no process of its own to end it later
             MlflowClient().set_terminated(parent, "FINISHED")
     return sweep_id, parent
+
+
+def process_gone(host: str | None, pid: str | None) -> bool:
+    """True when the process `pid` on this host no longer runs (exited, killed, a zombie).
+    A process on another host, or an unknown one, is never taken for gone."""
+    import psutil
+
+    if host != socket.gethostname() or not (pid or "").isdigit():
+        return False
+    try:
+        return psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def end_orphaned_runs(experiment_id: str, sweep_id: str) -> list[str]:
+    """End KILLED the runs of a sweep that are still RUNNING though their process on this host
+    is gone, and return their ids. A parallel launcher kills the other jobs of a sweep when one
+    fails (joblib does), and a killed process cannot end its own run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    running = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{SWEEP_ID_TAG}` = '{sweep_id}' and attributes.status = 'RUNNING'")
+    orphans = [run.info.run_id for run in running
+               if process_gone(run.data.tags.get(HOST_TAG), run.data.tags.get(PID_TAG))]
+    for run_id in orphans:
+        client.set_terminated(run_id, "KILLED")
+    return orphans
 
 
 def sweep_of_this_run(cfg: Config, root: Path, experiment_id: str) -> tuple[str, str] | None:

@@ -12,14 +12,14 @@ import io
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-from pipeline import backend, tracking
+from pipeline import backend, distribute, tracking
 from pipeline.build import MODEL_FILE, REPORT_JSON, REPORT_MD
 from pipeline.checkpoints import (
     CHECKPOINTS_DIR,
@@ -102,9 +102,10 @@ class EpochLog(keras.callbacks.Callback):
         self.rows.append(row)
         if self.on_rows:
             self.on_rows(self.rows)
-        if self.log_metrics:
-            self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         seconds = time.perf_counter() - self._start
+        if self.log_metrics:  # MLflow: the epoch's metrics and its wall time
+            self.log_metrics({**{k: v for k, v in row.items() if k != "epoch"},
+                              "epoch_seconds": seconds}, step=epoch + 1)
         print(f"epoch {epoch + 1}/{self.epochs}  loss {row['loss']:.4f}  "
               f"accuracy {row['accuracy']:.4f}  val_loss {row.get('val_loss', math.nan):.4f}  "
               f"val_accuracy {row.get('val_accuracy', math.nan):.4f}  "
@@ -152,9 +153,9 @@ def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
         callbacks.append(checkpoint.callback())
     log = EpochLog(epochs, log_metrics, rows=checkpoint.completed_epochs() if checkpoint else [],
                    on_rows=checkpoint.save_epochs if checkpoint else None)
-    with stop_cleanly_on_signals(model):
+    with stop_cleanly_on_signals(model) as stop_on_signal:
         model.fit(*train_data, validation_data=val_data, epochs=epochs, batch_size=batch_size,
-                  shuffle=True, callbacks=[*callbacks, log], verbose=0,
+                  shuffle=True, callbacks=[*callbacks, log, stop_on_signal], verbose=0,
                   class_weight=class_weight)
     return log.rows
 
@@ -196,7 +197,10 @@ def log_model(model: keras.Model, x_example: np.ndarray, labels: dict) -> None:
 
     example = x_example.astype(np.float32)
     signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
-    with _example_folder_created():
+    # MLflow checks the input example with a `predict` that draws Keras's progress bar; on JAX
+    # the bar runs in Keras's callback thread, where the (thread-local) switch that
+    # `backend.configure` turned off is on again.
+    with _example_folder_created(), redirect_stdout(io.StringIO()):
         mlflow.keras.log_model(
             model, name="model", signature=signature, input_example=example, metadata=labels,
             pip_requirements=[f"keras=={version('keras')}",
@@ -209,25 +213,57 @@ def labels_of(meta: dict) -> dict:
     return {"class_names": meta["class_names"]}
 
 
+def train_replica(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
+                  val_data: tuple[np.ndarray, np.ndarray], cfg: Config,
+                  replicas: distribute.Replicas, checkpoint: Checkpoint,
+                  log_metrics=None) -> list[dict[str, float]]:
+    """`train` this process's replicas: its shard of the data, its share of the global batch
+    and the learning rate scaled for all replicas, in the distribution's scope. With one
+    replica this is `train` on the config as it is."""
+    weights = (balanced_class_weights(train_data[1])
+               if cfg.trainer.class_weight == "balanced" else None)
+    with replicas.scope():
+        rows = train(model, distribute.shard(train_data, replicas.process_id, replicas.processes),
+                     distribute.shard(val_data, replicas.process_id, replicas.processes),
+                     distribute.scaled_optimizer(cfg.optimizer, replicas.count),
+                     cfg.trainer.epochs, replicas.process_batch(cfg.trainer.batch_size),
+                     log_metrics=log_metrics, class_weight=weights, checkpoint=checkpoint,
+                     jit_compile=cfg.trainer.jit_compile)
+    if replicas.processes > 1:
+        print(f"train: process {replicas.process_id} of {replicas.processes} done, weights "
+              f"digest {distribute.weights_digest(model)}", flush=True)
+    return rows
+
+
 def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
-        run_name: str | None = None) -> str:
+        run_name: str | None = None) -> str | None:
     """Train the built model under one MLflow run; return the run id.
 
     `root` holds the inputs (data, its `.dvc` file, the git checkout); stage files are read
-    from and written under `out_root`.
+    from and written under `out_root`. Under `trainer.distribute=multi_worker` only process 0
+    logs and writes; the others train along and return None.
     """
     backend.configure(cfg.seed, cfg.trainer.deterministic, cfg.trainer.precision)
+    replicas = distribute.start(cfg.trainer.distribute)
     prepared = out_root / cfg.paths.prepared
     train_data, val_data = read_split(prepared, "train"), read_split(prepared, "val")
     build_dir = out_root / cfg.paths.build
-    model = keras.models.load_model(build_dir / MODEL_FILE)
+    with replicas.scope():
+        model = keras.models.load_model(build_dir / MODEL_FILE)
     print(f"train: {cfg.model.name} with {cfg.optimizer.name} "
-          f"(learning_rate {cfg.optimizer.learning_rate}), {cfg.trainer.epochs} epochs, "
-          f"batch {cfg.trainer.batch_size}, {len(train_data[1])} images, on "
-          f"{backend.describe_devices()}", flush=True)
+          f"({replicas.describe_learning_rate(cfg.optimizer.learning_rate)}), "
+          f"{cfg.trainer.epochs} epochs, {replicas.describe_batch(cfg.trainer.batch_size)}, "
+          f"{len(train_data[1])} images, on {backend.describe_devices()}"
+          f"{replicas.describe_replicas()}", flush=True)
     data_path = Path(cfg.data.path) if Path(cfg.data.path).is_absolute() else root / cfg.data.path
-    checkpoint = Checkpoint(tracking.project_root(root) / CHECKPOINTS_DIR / fingerprint(
-        cfg, model, prepared / META_FILE))
+    folder = fingerprint(cfg, model, prepared / META_FILE)
+    if not replicas.is_chief:  # each process keeps its own checkpoint; only process 0 logs
+        checkpoint = Checkpoint(tracking.project_root(root) / CHECKPOINTS_DIR
+                                / f"{folder}-process{replicas.process_id}")
+        train_replica(model, train_data, val_data, cfg, replicas, checkpoint)
+        checkpoint.remove()
+        return None
+    checkpoint = Checkpoint(tracking.project_root(root) / CHECKPOINTS_DIR / folder)
     outputs = [out_root / p for p in (cfg.paths.model, cfg.paths.history, cfg.paths.labels,
                                       cfg.paths.run)]
     with removed_on_failure(*outputs), \
@@ -237,14 +273,13 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
         resume_after(checkpoint, active.info.run_id, mlflow.log_metrics)
         mlflow.log_artifact(str(build_dir / REPORT_MD))
         mlflow.log_artifact(str(build_dir / REPORT_JSON))
-        weights = (balanced_class_weights(train_data[1])
-                   if cfg.trainer.class_weight == "balanced" else None)
-        rows = train(model, train_data, val_data, cfg.optimizer, cfg.trainer.epochs,
-                     cfg.trainer.batch_size, log_metrics=mlflow.log_metrics,
-                     class_weight=weights, checkpoint=checkpoint,
-                     jit_compile=cfg.trainer.jit_compile)
+        mlflow.set_tags(replicas.tags(cfg.trainer.batch_size, cfg.optimizer.learning_rate))
+        rows = train_replica(model, train_data, val_data, cfg, replicas, checkpoint,
+                             log_metrics=mlflow.log_metrics)
         with atomic_path(out_root / cfg.paths.model) as tmp:
             model.save(tmp)
+        if replicas.count > 1:  # what MLflow logs and predicts with: the saved model, one device
+            model = keras.models.load_model(out_root / cfg.paths.model)
         write_text(out_root / cfg.paths.history, history_csv(rows))
         labels = labels_of(read_meta(prepared))
         write_json(out_root / cfg.paths.labels, labels)

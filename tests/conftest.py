@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -45,13 +46,65 @@ def env() -> dict[str, str]:
     return environ
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600):
-    result = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600,
+        extra_env: dict[str, str | None] | None = None):
+    """Run `cmd` in `cwd` with `env()`, plus `extra_env` (None unsets a variable)."""
+    environ = env()
+    for key, value in (extra_env or {}).items():
+        if value is None:
+            environ.pop(key, None)
+        else:
+            environ[key] = value
+    result = subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True,
                             timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n"
                              f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+BLOCKER = """\
+# Makes the packages in BLOCKED unimportable, as on a machine without them, and writes on exit
+# which of them were loaded and which Keras backend ran.
+import atexit, json, os, sys
+
+BLOCKED = {blocked!r}
+
+
+class Blocker:
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{fullname!r}}", name=fullname)
+        return None
+
+
+def report():
+    keras = sys.modules.get("keras")
+    loaded = sorted(n for n in sys.modules if n.partition(".")[0] in BLOCKED)
+    with open(os.path.join({folder!r}, f"imports-{{os.getpid()}}.json"), "w") as f:
+        json.dump({{"loaded": loaded,
+                   "keras_backend": keras.backend.backend() if keras else None}}, f)
+
+
+sys.meta_path.insert(0, Blocker())
+atexit.register(report)
+"""
+
+
+def without_packages(folder: Path, *names: str) -> dict[str, str]:
+    """The environment additions under which Python processes cannot import the packages
+    `names` (a `sitecustomize.py` in `folder`); each process writes `folder/imports-<pid>.json`
+    on exit: the blocked modules it had loaded and the Keras backend it used."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(BLOCKER.format(blocked=sorted(names),
+                                                            folder=str(folder)))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder),
+                                                        os.environ.get("PYTHONPATH")]))}
+
+
+def import_reports(folder: Path) -> list[dict]:
+    """What each process run `without_packages(folder, ...)` wrote on exit."""
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("imports-*.json"))]
 
 
 def copy_project(dest: Path, data_dir: Path) -> Path:

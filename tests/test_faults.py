@@ -192,3 +192,55 @@ def test_read_only_output_folder_gives_one_line(project):
         assert list(Path(outputs).iterdir()) == []
     finally:
         subprocess.run(["chattr", "-i", str(outputs)], check=True)
+
+
+
+def test_an_epoch_cut_short_by_sigterm_is_neither_checkpointed_nor_logged(tmp_path):
+    import keras
+    import numpy as np
+
+    from pipeline.checkpoints import Checkpoint, TrainingInterrupted
+    from pipeline.config import AdamConfig
+    from pipeline.train import train
+
+    class SigtermAt(keras.callbacks.Callback):
+        """Sends this process SIGTERM as step `step` of epoch `epoch` (from 0) begins."""
+
+        def __init__(self, epoch, step):
+            super().__init__()
+            self.at, self.epoch = (epoch, step), -1
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if (self.epoch, batch) == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def model_with(*extra_callbacks):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((4,))
+        model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+        fit = model.fit
+        model.fit = lambda *a, callbacks=(), **k: fit(*a, callbacks=[*callbacks, *extra_callbacks],
+                                                      **k)
+        return model
+
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(256, 4)).astype("float32"), rng.integers(0, 3, 256))
+    checkpoint = Checkpoint(tmp_path / "checkpoint")
+    logged = []
+
+    def fit(model):
+        return train(model, data, data, AdamConfig(), epochs=3, batch_size=32,
+                     log_metrics=lambda metrics, step: logged.append(step), checkpoint=checkpoint)
+
+    with pytest.raises(TrainingInterrupted):
+        fit(model_with(SigtermAt(epoch=1, step=2)))
+    assert logged == [1]
+    assert [row["epoch"] for row in checkpoint.completed_epochs()] == [1]
+
+    logged.clear()
+    rows = fit(model_with())
+    assert logged == [2, 3]  # the resume repeats epoch 2 from its start
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
