@@ -58,10 +58,9 @@ import numpy as np  # noqa: E402
 from pipeline import backend  # noqa: E402
 from pipeline.build import model_from_config  # noqa: E402
 from pipeline.config import PRECISIONS, Config, validate  # noqa: E402
-from pipeline.data import load_dataset  # noqa: E402
 from pipeline.errors import ConfigError, run_cli  # noqa: E402
 from pipeline.params import compose_config  # noqa: E402
-from pipeline.prepare import prepare  # noqa: E402
+from pipeline.prepare import prepare_configured  # noqa: E402
 from pipeline.train import compile_model, make_optimizer, output_kind  # noqa: E402
 
 GPU_PRECISION = "mixed_bfloat16"
@@ -319,8 +318,7 @@ def main(argv: list[str] | None = None) -> None:
                  else GPU_PRECISION if on_gpu() else cfg.trainer.precision)
     # seeded, and without XLA's deterministic GPU kernels: this measures speed
     backend.configure(cfg.seed, deterministic=False, precision=precision)
-    prepared = prepare(load_dataset(cfg.data, ROOT, cfg.seed), cfg.data.limit,
-                       cfg.data.val_fraction, cfg.seed)
+    prepared = prepare_configured(cfg, ROOT)
     sizes = prepared.meta["sizes"]
     print(f"gpu check: {describe_device()}, {precision}, batch {args.batch_size}, "
           f"{sizes['train']} training images, budget {args.budget_seconds:g} s", flush=True)

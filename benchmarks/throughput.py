@@ -33,9 +33,8 @@ from pipeline import backend, tracking  # noqa: E402
 from pipeline.build import model_from_config  # noqa: E402
 from pipeline.checkpoints import Checkpoint  # noqa: E402
 from pipeline.config import validate  # noqa: E402
-from pipeline.data import load_dataset  # noqa: E402
 from pipeline.params import compose_config  # noqa: E402
-from pipeline.prepare import prepare  # noqa: E402
+from pipeline.prepare import prepare_configured  # noqa: E402
 from pipeline.train import compile_model, make_optimizer, train  # noqa: E402
 
 
@@ -100,7 +99,7 @@ def main() -> None:
     cfg = validate(compose_config([f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
                                    "mlflow.experiment_name=benchmark"]))
     backend.configure(cfg.seed, cfg.trainer.deterministic, cfg.trainer.precision)
-    prepared = prepare(load_dataset(cfg.data, ROOT), None, cfg.data.val_fraction, cfg.seed)
+    prepared = prepare_configured(cfg, ROOT)
     data = {"train": tuple(a[:args.images] for a in prepared.splits["train"]),
             "val": tuple(a[:1000] for a in prepared.splits["val"])}
     initial = model_from_config(cfg.model, prepared.meta, cfg.augment)

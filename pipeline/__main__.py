@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import build, evaluate, invariance, prepare, tracking, train
+from pipeline import backend, build, evaluate, invariance, prepare, tracking, train
 from pipeline.config import Config, validate
 from pipeline.errors import ConfigError, PipelineError, as_pipeline_error, exit_interrupted, fail
 
@@ -29,6 +29,7 @@ def run_stages(cfg: Config, root: Path, out_root: Path, run_name: str | None = N
         raise ConfigError("trainer.distribute=multi_worker: run prepare and build once, then the "
                           "train stage in every process (python -m pipeline.train); see README, "
                           "'Several GPUs or machines'")
+    backend.check_jit_compile(cfg.trainer.jit_compile, cfg.trainer.deterministic)
     prepare.run(cfg, root, out_root)
     build.run(cfg, out_root)
     train.run(cfg, root, out_root, ENTRY_POINT, run_name)

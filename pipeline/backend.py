@@ -43,6 +43,22 @@ def configure(seed: int, deterministic: bool, precision: str = "float32") -> Non
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def check_jit_compile(jit_compile: bool | str, deterministic: bool) -> None:
+    """Refuse `trainer.jit_compile=true` where Keras would drop it with only a warning: on
+    TensorFlow, Keras compiles no model with XLA while op determinism is on, so `auto` means no
+    XLA there too, on GPUs as well.
+
+    Raises:
+        ConfigError: XLA asked for on TensorFlow with `trainer.deterministic=true`.
+    """
+    if jit_compile is True and deterministic and is_tensorflow():
+        from pipeline.errors import ConfigError
+
+        raise ConfigError("trainer.jit_compile=true: TensorFlow does not compile with XLA under "
+                          "op determinism (trainer.deterministic=true); add "
+                          "trainer.deterministic=false to train with XLA")
+
+
 def use_deterministic_xla_kernels() -> None:
     """JAX's counterpart of TensorFlow's op determinism: XLA's deterministic GPU kernels (XLA
     on CPU is deterministic already). XLA reads XLA_FLAGS once, when JAX starts its backend at

@@ -49,13 +49,11 @@ def global_batch(batch_size: int, replicas: int) -> int:
 
 def scaled_learning_rate(learning_rate: float, replicas: int) -> float:
     """The linear scaling rule: a global batch k times larger takes a k times larger step."""
-    return learning_rate * replicas if replicas > 1 else learning_rate
+    return learning_rate * replicas
 
 
 def scaled_optimizer(cfg: OptimizerConfig, replicas: int) -> OptimizerConfig:
-    """The optimizer config with its learning rate scaled for `replicas`; `cfg` itself for one."""
-    if replicas == 1:
-        return cfg
+    """The optimizer config with its learning rate scaled for `replicas`."""
     return dataclasses.replace(cfg, learning_rate=scaled_learning_rate(cfg.learning_rate,
                                                                        replicas))
 

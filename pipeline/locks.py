@@ -18,6 +18,7 @@ import psutil
 
 from pipeline.errors import PipelineError, run_cli
 from pipeline.files import write_text
+from pipeline.processes import is_running
 from pipeline.tracking import project_root
 
 RWLOCK = Path(".dvc") / "tmp" / "rwlock"
@@ -80,7 +81,7 @@ def check(root: Path) -> list[str]:
         return done
     lock = json.loads(path.read_text() or "{}")
     holders = lock_holders(lock)
-    live = [h for h in holders if psutil.pid_exists(h["pid"])]
+    live = [h for h in holders if is_running(h["pid"])]
     if live:
         h = live[0]
         raise LockError(f"DVC is busy in this project (pid {h['pid']}: {h['cmd']}); wait for "

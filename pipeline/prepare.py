@@ -8,7 +8,7 @@ model takes raw pixels and every later use of it preprocesses exactly as trainin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ class Prepared:
 
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     meta: dict
+    notes: list[str] = field(default_factory=list)  # what the data source had to say
 
 
 def prepare(data: Dataset, limit: int | None, val_fraction: float, seed: int) -> Prepared:
@@ -79,14 +80,22 @@ def read_meta(prepared_dir: Path) -> dict:
     return read_json(Path(prepared_dir) / META_FILE)
 
 
-def run(cfg: Config, root: Path, out_root: Path) -> Prepared:
-    """Load `cfg.data` (relative paths from `root`), prepare it, write it under `out_root`."""
+def prepare_configured(cfg: Config, root: Path) -> Prepared:
+    """`prepare` the data source `cfg.data` describes (relative paths from `root`) as the
+    config says: its limit, validation fraction and seed."""
     data = load_dataset(cfg.data, root, cfg.seed)
     prepared = prepare(data, cfg.data.limit, cfg.data.val_fraction, cfg.seed)
+    prepared.notes.extend(data.notes)
+    return prepared
+
+
+def run(cfg: Config, root: Path, out_root: Path) -> Prepared:
+    """Load `cfg.data` (relative paths from `root`), prepare it, write it under `out_root`."""
+    prepared = prepare_configured(cfg, root)
     write_prepared(prepared, out_root / cfg.paths.prepared)
     sizes = ", ".join(f"{k} {v}" for k, v in prepared.meta["sizes"].items())
     print(f"prepare: {cfg.data.name}: {sizes} -> {cfg.paths.prepared}/", flush=True)
-    for note in [*data.notes, imbalance_note(prepared.meta)]:
+    for note in [*prepared.notes, imbalance_note(prepared.meta)]:
         if note:
             print(f"prepare: {note}", flush=True)
     return prepared

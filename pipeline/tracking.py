@@ -26,6 +26,7 @@ import yaml
 
 from pipeline.config import Config, flatten, to_dict
 from pipeline.errors import PipelineError
+from pipeline.processes import is_running
 
 DEFAULT_STORE = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -273,14 +274,9 @@ def dvc_sweep_parent(cfg: Config, root: Path, experiment_id: str) -> tuple[str, 
 def process_gone(host: str | None, pid: str | None) -> bool:
     """True when the process `pid` on this host no longer runs (exited, killed, a zombie).
     A process on another host, or an unknown one, is never taken for gone."""
-    import psutil
-
     if host != socket.gethostname() or not (pid or "").isdigit():
         return False
-    try:
-        return psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+    return not is_running(int(pid))
 
 
 def end_orphaned_runs(experiment_id: str, sweep_id: str) -> list[str]:

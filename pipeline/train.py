@@ -120,7 +120,8 @@ def output_kind(model: keras.Model) -> str:
 def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer,
                   jit_compile: bool | str = "auto") -> None:
     """`jit_compile="auto"` is Keras's rule: on TensorFlow, XLA on GPUs and off on CPUs (where
-    it made a small CNN several times slower); JAX always compiles with XLA."""
+    it made a small CNN several times slower), and off under op determinism; JAX always
+    compiles with XLA."""
     model.compile(optimizer=optimizer, loss=COST_J[output_kind(model)], metrics=["accuracy"],
                   jit_compile=jit_compile)
 
@@ -243,6 +244,7 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
     from and written under `out_root`. Under `trainer.distribute=multi_worker` only process 0
     logs and writes; the others train along and return None.
     """
+    backend.check_jit_compile(cfg.trainer.jit_compile, cfg.trainer.deterministic)
     backend.configure(cfg.seed, cfg.trainer.deterministic, cfg.trainer.precision)
     replicas = distribute.start(cfg.trainer.distribute)
     prepared = out_root / cfg.paths.prepared

@@ -38,7 +38,7 @@ def test_one_replica_leaves_everything_as_configured():
     cfg = compose()
     replicas = distribute.start("none")
     assert replicas.is_chief and replicas.count == 1
-    assert distribute.scaled_optimizer(cfg.optimizer, 1) is cfg.optimizer
+    assert distribute.scaled_optimizer(cfg.optimizer, 1) == cfg.optimizer
     assert replicas.process_batch(128) == 128
     arrays = (np.arange(10), np.arange(10))
     assert distribute.shard(arrays, 0, 1) is arrays

@@ -74,6 +74,8 @@ def assert_failed_cleanly(result, project, message):
     ("optimizer.learning_rate=-0.1", "optimizer.learning_rate=-0.1: must be positive"),
     ("trainer.batch_size=0", "trainer.batch_size=0: must be a positive integer"),
     ("data.path=no/such/folder", "no/such/folder not found"),
+    # Keras would train without XLA and only warn
+    ("trainer.jit_compile=true", "trainer.jit_compile=true: TensorFlow does not compile with XLA"),
 ])
 def test_bad_values_fail_before_training(project, override, message):
     result = run(pipeline_cmd(override), project, check=False)
