@@ -1,0 +1,71 @@
+"""The benchmark scripts run end to end on tiny settings and print what the README quotes.
+
+The figures themselves come from full runs (benchmarks/results.md); these tests keep the
+scripts working: `make bench`'s ratio line, the interleaved training-options table and the
+time-to-accuracy report read back from MLflow.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.conftest import REPO, run
+
+
+@pytest.mark.slow
+def test_bench_ends_with_the_pipeline_over_bare_ratio(tmp_path, data_dir):
+    out = tmp_path / "results.md"
+    result = run(["python", "benchmarks/throughput.py", "--rounds", "1", "--epochs", "1",
+                  "--images", "512", "--out", str(out)], REPO, timeout=300)
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"pipeline/bare throughput ratio: \d+\.\d\d", last), result.stdout
+    ratio = float(last.rsplit(" ", 1)[1])
+    assert 0 < ratio < 10
+    recorded = out.read_text()
+    assert "`python benchmarks/throughput.py --rounds 1 --epochs 1 --images 512`" in recorded
+    assert re.search(r"\| pipeline train stage \| \d+ \| \d+\.\d\d s \| \d+ ms \|", recorded)
+    assert last in recorded
+
+
+@pytest.mark.slow
+def test_training_options_interleave_the_two_ways_and_record_a_row_each(tmp_path, data_dir):
+    out = tmp_path / "results.md"
+    result = run(["python", "benchmarks/training_options.py", "--compare", "input", "precision",
+                  "--rounds", "2", "--images", "512", "--out", str(out)], REPO, timeout=300)
+    for name in ("input", "precision"):
+        rounds = re.findall(rf"^{name} round (\d): A (\d+)  B (\d+) images/s  B/A (\d+\.\d\d)$",
+                            result.stdout, re.MULTILINE)
+        assert [r[0] for r in rounds] == ["1", "2"], result.stdout
+        for _, a, b, ratio in rounds:
+            assert float(ratio) == pytest.approx(int(b) / int(a), abs=0.02)
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| input")
+            or line.startswith("| precision")]
+    assert len(rows) == 2
+    assert re.fullmatch(r"\| precision: precision=float32 \(A\) vs precision=mixed_bfloat16 "
+                        r"\(B\) \| \d+ \| \d+ \| \d+\.\d\d \| \d+\.\d\d to \d+\.\d\d \|", rows[1])
+
+
+def test_training_options_refuse_xla_under_op_determinism(tmp_path, data_dir):
+    out = tmp_path / "results.md"
+    result = run(["python", "benchmarks/training_options.py", "--compare", "jit",
+                  "--out", str(out)], REPO, check=False, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: trainer.jit_compile=true: TensorFlow does not compile with XLA under op "
+        "determinism (trainer.deterministic=true); add trainer.deterministic=false to train "
+        "with XLA")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_reads_every_seed_back_from_mlflow(tmp_path, data_dir):
+    out = tmp_path / "results.md"
+    result = run(["python", "benchmarks/time_to_accuracy.py", "quick", "data.limit=300",
+                  "--seeds", "1", "2", "--out", str(out)], REPO, timeout=600)
+    rows = re.findall(r"^\| (\d) \| (0\.\d{4}) \| (\d+\.\d s|\d+ min \d\d s) \| 1 \|$",
+                      out.read_text(), re.MULTILINE)
+    assert [r[0] for r in rows] == ["1", "2"], result.stdout
+    assert "experiment=quick: mean test accuracy 0." in result.stdout
+    assert "over 2 seeds" in result.stdout
