@@ -289,7 +289,7 @@ class TrainerConfig:
     precision: str = "float32"
     deterministic: bool = True  # TensorFlow op determinism: bit-identical runs on CPU
     class_weight: str = "none"  # none | balanced: weight classes by inverse frequency
-    jit_compile: Any = "auto"  # auto | true | false; auto: XLA on GPUs, not on CPUs
+    jit_compile: Any = "auto"  # auto | true | false; auto: Keras's rule (README, "XLA")
     distribute: str = "none"  # none | mirrored (GPUs of one machine) | multi_worker (machines)
 
     def __post_init__(self) -> None:
