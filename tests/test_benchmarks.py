@@ -47,6 +47,7 @@ def test_training_options_interleave_the_two_ways_and_record_a_row_each(tmp_path
                         r"\(B\) \| \d+ \| \d+ \| \d+\.\d\d \| \d+\.\d\d to \d+\.\d\d \|", rows[1])
 
 
+@pytest.mark.slow
 def test_training_options_refuse_xla_under_op_determinism(tmp_path, data_dir):
     out = tmp_path / "results.md"
     result = run(["python", "benchmarks/training_options.py", "--compare", "jit",

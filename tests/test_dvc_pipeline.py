@@ -132,6 +132,7 @@ def test_optimizer_change_reruns_train_and_evaluate_only(reproduced):
     assert {r.data.params["optimizer.learning_rate"] for r in runs} == {"0.001", "0.002"}
 
 
+@pytest.mark.slow
 def test_model_change_reruns_build_train_and_evaluate(reproduced):
     project, _, _ = reproduced
     set_params(project, "optimizer.learning_rate=0.002", "model.dense_units=[32]")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.__main__ import run_stages
+from pipeline.errors import ConfigError
 from tests.conftest import QUICK, compose, mlflow_runs, run
 
 
@@ -35,6 +36,7 @@ def test_override_run_logs_its_params_and_metrics(project):
     assert "epoch 1/1" in result.stdout and "test accuracy" in result.stdout
 
 
+@pytest.mark.slow
 def test_multirun_logs_one_run_per_optimizer(project):
     run(pipeline_cmd("optimizer=gd,rmsprop", multirun=True), project)
     runs = [r for r in mlflow_runs(project) if "sweep.parent" not in r.data.tags]
@@ -74,8 +76,6 @@ def assert_failed_cleanly(result, project, message):
     ("optimizer.learning_rate=-0.1", "optimizer.learning_rate=-0.1: must be positive"),
     ("trainer.batch_size=0", "trainer.batch_size=0: must be a positive integer"),
     ("data.path=no/such/folder", "no/such/folder not found"),
-    # Keras would train without XLA and only warn
-    ("trainer.jit_compile=true", "trainer.jit_compile=true: TensorFlow does not compile with XLA"),
 ])
 def test_bad_values_fail_before_training(project, override, message):
     result = run(pipeline_cmd(override), project, check=False)
@@ -92,6 +92,18 @@ def test_unknown_names_fail_at_composition(project, override, message):
     assert message in result.stderr or "Could not find" in result.stderr
 
 
+def test_xla_under_op_determinism_is_refused_before_any_work(tmp_path, data_dir):
+    from pathlib import Path
+
+    # Keras would train without XLA, with only a warning
+    cfg = compose(*QUICK, "trainer.jit_compile=true",
+                  f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(ConfigError, match=r"^trainer\.jit_compile=true: TensorFlow does not "
+                       r"compile with XLA under op determinism .*trainer\.deterministic=false"):
+        run_stages(cfg, Path(data_dir).parent, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def corrupt(path, how):
     raw = path.read_bytes()
     path.unlink()  # the copy may share blocks with the original: write a new file
@@ -99,8 +111,11 @@ def corrupt(path, how):
 
 
 @pytest.mark.parametrize("how,extra,message", [
-    (lambda b: b[:-1000], "data.verify_md5=false", "truncated or corrupt"),
-    (lambda b: b"\x07" + b[1:], "data.verify_md5=false", "bad magic number"),
+    # the IDX checks themselves are unit-tested in test_data.py; end to end, one is enough
+    pytest.param(lambda b: b[:-1000], "data.verify_md5=false", "truncated or corrupt",
+                 marks=pytest.mark.slow),
+    pytest.param(lambda b: b"\x07" + b[1:], "data.verify_md5=false", "bad magic number",
+                 marks=pytest.mark.slow),
     (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "data.verify_md5=true", "has md5"),
 ])
 def test_corrupt_data_fails_before_training(project, how, extra, message):

@@ -74,6 +74,7 @@ def test_hydra_multirun_is_one_parent_with_children_and_a_report(project):
     assert sweep_id in result.stdout
 
 
+@pytest.mark.slow
 def test_compare_optimizers_preset_is_a_fair_sweep(project):
     run(["python", "-m", "pipeline", "experiment=compare_optimizers", *QUICK], project)
     children = [r for r in mlflow_runs(project) if "sweep.parent" not in r.data.tags]
