@@ -57,9 +57,9 @@ import numpy as np  # noqa: E402
 
 from pipeline import backend  # noqa: E402
 from pipeline.build import model_from_config  # noqa: E402
-from pipeline.config import PRECISIONS, Config, validate  # noqa: E402
+from pipeline.config import PRECISIONS, Config  # noqa: E402
 from pipeline.errors import ConfigError, run_cli  # noqa: E402
-from pipeline.params import compose_config  # noqa: E402
+from pipeline.params import composed  # noqa: E402
 from pipeline.prepare import prepare_configured  # noqa: E402
 from pipeline.train import compile_model, make_optimizer, output_kind  # noqa: E402
 
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_backend()
     limit = [f"data.limit={args.limit}"] if args.limit else []
-    cfg = validate(compose_config([*limit, *args.overrides]))
+    cfg = composed([*limit, *args.overrides])
     precision = (args.precision if args.precision != "auto"
                  else GPU_PRECISION if on_gpu() else cfg.trainer.precision)
     # seeded, and without XLA's deterministic GPU kernels: this measures speed

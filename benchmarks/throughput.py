@@ -32,8 +32,7 @@ import keras  # noqa: E402
 from pipeline import backend, tracking  # noqa: E402
 from pipeline.build import model_from_config  # noqa: E402
 from pipeline.checkpoints import Checkpoint  # noqa: E402
-from pipeline.config import validate  # noqa: E402
-from pipeline.params import compose_config  # noqa: E402
+from pipeline.params import composed  # noqa: E402
 from pipeline.prepare import prepare_configured  # noqa: E402
 from pipeline.train import compile_model, make_optimizer, train  # noqa: E402
 
@@ -96,8 +95,8 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
-    cfg = validate(compose_config([f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
-                                   "mlflow.experiment_name=benchmark"]))
+    cfg = composed([f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+                    "mlflow.experiment_name=benchmark"])
     backend.configure(cfg.seed, cfg.trainer.deterministic, cfg.trainer.precision)
     prepared = prepare_configured(cfg, ROOT)
     data = {"train": tuple(a[:args.images] for a in prepared.splits["train"]),

@@ -44,9 +44,8 @@ import keras  # noqa: E402
 
 from pipeline import backend  # noqa: E402
 from pipeline.build import model_from_config  # noqa: E402
-from pipeline.config import validate  # noqa: E402
 from pipeline.errors import run_cli  # noqa: E402
-from pipeline.params import compose_config  # noqa: E402
+from pipeline.params import composed  # noqa: E402
 from pipeline.prepare import prepare_configured  # noqa: E402
 from pipeline.train import compile_model, make_optimizer  # noqa: E402
 
@@ -158,7 +157,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/")
     args = parser.parse_args()
 
-    cfg = validate(compose_config(args.overrides))
+    cfg = composed(args.overrides)
     if "jit" in args.compare:
         backend.check_jit_compile(True, cfg.trainer.deterministic)
     backend.configure(cfg.seed, cfg.trainer.deterministic, cfg.trainer.precision)

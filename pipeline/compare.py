@@ -26,10 +26,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
-from pipeline.config import PARAMS_FILE, MlflowConfig, load_params
+from pipeline.config import PARAMS_FILE, load_params
 from pipeline.errors import PipelineError, run_cli
 from pipeline.figures import save_figure
 from pipeline.files import write_text
+from pipeline.params import composed
 from pipeline.tracking import PARENT_RUN_TAG, SWEEP_ID_TAG, SWEEP_PARENT_TAG
 
 IGNORED_PARAM_PREFIXES = ("paths.", "mlflow.")  # differ between runs without changing results
@@ -377,7 +378,7 @@ def default_experiment(root: Path) -> str:
     """The experiment `params.yaml` logs to, or the config's default without that file."""
     params = root / PARAMS_FILE
     if not params.is_file():
-        return MlflowConfig().experiment_name
+        return composed().mlflow.experiment_name
     return load_params(params).mlflow.experiment_name
 
 

@@ -2,20 +2,23 @@
 
 Hydra composes the YAML files under `conf/`; DVC's stages read the composed `params.yaml`.
 Both paths end in :func:`validate`, which checks the plain dictionary against the dataclasses
-below, so an unknown key, a wrong type or an out-of-range value fails before any work is done,
-with one line that names the key, the bad value and the fix.
+below, so an unknown key, a missing key, a wrong type or an out-of-range value fails before any
+work is done, with one line that names the key, the bad value and the fix.
+
+The dataclasses hold the types and the rules, not the values: every field is MISSING here and
+its value lives once, in the YAML of its option under `conf/` (and so in `params.yaml`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from pipeline.errors import ConfigError
 
@@ -32,12 +35,12 @@ def _require(ok: bool, key: str, value: Any, rule: str, example: str) -> None:
 class DataConfig:
     """Fields every data source has; each option of the `data` group adds its own."""
 
-    name: str = "fashion_mnist"
-    path: str = "data"
-    test_path: str = "data"  # the test set; equal to `path` when the source has no separate one
-    limit: int | None = None  # max examples per split; None = all
-    val_fraction: float = 0.1  # stratified share of the training set held out for validation
-    positive_class: str | None = None  # two classes: the one the detector looks for
+    name: str = MISSING
+    path: str = MISSING
+    test_path: str = MISSING  # the test set; equal to `path` when the source has no separate one
+    limit: int | None = MISSING  # max examples per split; None = all
+    val_fraction: float = MISSING  # stratified share of the training set held out for validation
+    positive_class: str | None = MISSING  # two classes: the one the detector looks for
 
     def __post_init__(self) -> None:
         _require(self.limit is None or self.limit > 0, "data.limit", self.limit,
@@ -58,20 +61,16 @@ def _check_image_size(size: list[int] | None) -> None:
 class FashionMnistConfig(DataConfig):
     """Fashion-MNIST's four IDX files in `path`."""
 
-    name: str = "fashion_mnist"
-    verify_md5: bool = True
+    verify_md5: bool = MISSING
 
 
 @dataclass
 class ImageFolderConfig(DataConfig):
     """One subfolder of images per class: `<path>/cat/*.jpg`, `<path>/non-cat/*.png`."""
 
-    name: str = "image_folder"
-    path: str = "images"
-    test_path: str = "images"  # a separate test folder, or `path` for a seeded split
-    test_fraction: float = 0.2  # stratified share held out for testing when test_path == path
-    image_size: list[int] = field(default_factory=lambda: [64, 64])  # [height, width]
-    color_mode: str = "rgb"
+    test_fraction: float = MISSING  # stratified share held out for testing when test_path == path
+    image_size: list[int] = MISSING  # [height, width]
+    color_mode: str = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,22 +85,18 @@ class ImageFolderConfig(DataConfig):
 class Hdf5Config(DataConfig):
     """Image and label arrays in HDF5 files (the layout common course datasets use)."""
 
-    name: str = "hdf5"
-    path: str = "datasets/train.h5"
-    test_path: str = "datasets/test.h5"
-    x_key: str = "train_set_x"
-    y_key: str = "train_set_y"
-    test_x_key: str = "test_set_x"
-    test_y_key: str = "test_set_y"
-    classes_key: str | None = "list_classes"  # null: classes are named 0, 1, ...
+    x_key: str = MISSING
+    y_key: str = MISSING
+    test_x_key: str = MISSING
+    test_y_key: str = MISSING
+    classes_key: str | None = MISSING  # null: classes are named 0, 1, ...
 
 
 @dataclass
 class KerasDatasetConfig(DataConfig):
     """A dataset Keras downloads by name (needs the network, or Keras's cache)."""
 
-    name: str = "keras"
-    dataset: str = "cifar10"
+    dataset: str = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,11 +117,11 @@ DATA_SOURCES: dict[str, type[DataConfig]] = {
 class AugmentConfig:
     """Random transformations of the training images (inactive at evaluation and prediction)."""
 
-    flip: str = "none"  # none | horizontal | vertical | horizontal_and_vertical
-    translate: float = 0.0  # fraction of height/width
-    rotate: float = 0.0  # fraction of a full turn
-    zoom: float = 0.0  # fraction
-    contrast: float = 0.0  # factor
+    flip: str = MISSING  # none | horizontal | vertical | horizontal_and_vertical
+    translate: float = MISSING  # fraction of height/width
+    rotate: float = MISSING  # fraction of a full turn
+    zoom: float = MISSING  # fraction
+    contrast: float = MISSING  # factor
 
     def __post_init__(self) -> None:
         _require(self.flip in FLIPS, "augment.flip", self.flip,
@@ -143,18 +138,18 @@ FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 class ModelConfig:
     """A CNN: conv/pooling blocks, then fully connected layers, then the softmax output."""
 
-    name: str = "bn_cnn"
-    pad_input: int = 0  # zero padding around the input image (LeNet-5 pads 28x28 to 32x32)
-    filters: list[int] = field(default_factory=lambda: [32, 64])  # one conv block per entry
-    kernel_size: int = 3
-    convs_per_block: int = 2
-    padding: str = "same"
-    pooling: str = "max"
-    batch_norm: bool = True
-    activation: str = "relu"
-    dense_units: list[int] = field(default_factory=lambda: [128])
-    dropout: float = 0.25
-    head: str = "auto"  # auto: one sigmoid unit for two classes, else softmax
+    name: str = MISSING
+    pad_input: int = MISSING  # zero padding around the input image (LeNet-5 pads 28x28 to 32x32)
+    filters: list[int] = MISSING  # one conv block per entry
+    kernel_size: int = MISSING
+    convs_per_block: int = MISSING
+    padding: str = MISSING
+    pooling: str = MISSING
+    batch_norm: bool = MISSING
+    activation: str = MISSING
+    dense_units: list[int] = MISSING
+    dropout: float = MISSING
+    head: str = MISSING  # auto: one sigmoid unit for two classes, else softmax
 
     def __post_init__(self) -> None:
         names = model_presets()
@@ -190,11 +185,11 @@ SCHEDULES = ("constant", "cosine", "exponential")
 class OptimizerConfig:
     """Fields every optimizer has; each option of the `optimizer` group adds its own."""
 
-    name: str = "gd"
-    learning_rate: float = 0.01
-    schedule: str = "cosine"  # constant | cosine (to 0 over training) | exponential
-    decay_rate: float = 0.9  # exponential schedule: factor per epoch
-    clipnorm: float | None = None
+    name: str = MISSING
+    learning_rate: float = MISSING
+    schedule: str = MISSING  # constant | cosine (to 0 over training) | exponential
+    decay_rate: float = MISSING  # exponential schedule: factor per epoch
+    clipnorm: float | None = MISSING
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, "optimizer.learning_rate", self.learning_rate,
@@ -211,14 +206,12 @@ class OptimizerConfig:
 class GDConfig(OptimizerConfig):
     """Plain (mini-batch) gradient descent: SGD without momentum."""
 
-    name: str = "gd"
 
 
 @dataclass
 class MomentumConfig(OptimizerConfig):
-    name: str = "momentum"
-    momentum: float = 0.9
-    nesterov: bool = False
+    momentum: float = MISSING
+    nesterov: bool = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -228,11 +221,9 @@ class MomentumConfig(OptimizerConfig):
 
 @dataclass
 class RMSPropConfig(OptimizerConfig):
-    name: str = "rmsprop"
-    learning_rate: float = 0.001
-    rho: float = 0.9
-    momentum: float = 0.0
-    epsilon: float = 1e-7
+    rho: float = MISSING
+    momentum: float = MISSING
+    epsilon: float = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -244,12 +235,10 @@ class RMSPropConfig(OptimizerConfig):
 
 @dataclass
 class AdamConfig(OptimizerConfig):
-    name: str = "adam"
-    learning_rate: float = 0.001
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    epsilon: float = 1e-7
-    amsgrad: bool = False
+    beta_1: float = MISSING
+    beta_2: float = MISSING
+    epsilon: float = MISSING
+    amsgrad: bool = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -261,8 +250,7 @@ class AdamConfig(OptimizerConfig):
 
 @dataclass
 class AdamWConfig(AdamConfig):
-    name: str = "adamw"
-    weight_decay: float = 0.004
+    weight_decay: float = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -284,13 +272,13 @@ DISTRIBUTE = ("none", "mirrored", "multi_worker")
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    precision: str = "float32"
-    deterministic: bool = True  # TensorFlow op determinism: bit-identical runs on CPU
-    class_weight: str = "none"  # none | balanced: weight classes by inverse frequency
-    jit_compile: Any = "auto"  # auto | true | false; auto: Keras's rule (README, "XLA")
-    distribute: str = "none"  # none | mirrored (GPUs of one machine) | multi_worker (machines)
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    precision: str = MISSING
+    deterministic: bool = MISSING  # TensorFlow op determinism: bit-identical runs on CPU
+    class_weight: str = MISSING  # none | balanced: weight classes by inverse frequency
+    jit_compile: Any = MISSING  # auto | true | false; auto: Keras's rule (README, "XLA")
+    distribute: str = MISSING  # none | mirrored (GPUs of one machine) | multi_worker (machines)
 
     def __post_init__(self) -> None:
         _require(self.jit_compile in JIT_COMPILE, "trainer.jit_compile", self.jit_compile,
@@ -311,8 +299,8 @@ class InvarianceConfig:
     """The translation-invariance measurement in `evaluate`: the test images shifted by
     1..max_shift pixels up, down, left and right (zero-filled)."""
 
-    max_shift: int = 4
-    baseline_run: str | None = None  # MLflow run id of a baseline (e.g. model=mlp) to compare
+    max_shift: int = MISSING
+    baseline_run: str | None = MISSING  # MLflow run id of a baseline (e.g. model=mlp) to compare
 
     def __post_init__(self) -> None:
         _require(self.max_shift > 0, "invariance.max_shift", self.max_shift,
@@ -323,9 +311,9 @@ class InvarianceConfig:
 class MlflowConfig:
     """Where runs are logged. A null tracking_uri means SQLite `mlflow.db` at the project root."""
 
-    tracking_uri: str | None = None
-    experiment_name: str = "fashion-mnist-cnn"
-    sweep_id: str | None = None  # groups `dvc exp run`s; null = by their DVC baseline commit
+    tracking_uri: str | None = MISSING
+    experiment_name: str = MISSING
+    sweep_id: str | None = MISSING  # groups `dvc exp run`s; null = by their DVC baseline commit
 
 
 @dataclass
@@ -335,31 +323,31 @@ class PathsConfig:
     `dvc.yaml` reads the same keys through DVC templating, so each path is written once.
     """
 
-    prepared: str = "outputs/prepared"
-    build: str = "outputs/build"
-    model: str = "outputs/train/model.keras"
-    history: str = "outputs/train/history.csv"
-    run: str = "outputs/train/mlflow_run.json"
-    labels: str = "outputs/train/labels.json"
-    metrics: str = "outputs/evaluate/metrics.json"
-    confusion: str = "outputs/evaluate/confusion.csv"
-    roc: str = "outputs/evaluate/roc.csv"
-    precision_recall: str = "outputs/evaluate/precision_recall.csv"
-    shift: str = "outputs/evaluate/shift.csv"
-    figures: str = "outputs/evaluate/figures"
+    prepared: str = MISSING
+    build: str = MISSING
+    model: str = MISSING
+    history: str = MISSING
+    run: str = MISSING
+    labels: str = MISSING
+    metrics: str = MISSING
+    confusion: str = MISSING
+    roc: str = MISSING
+    precision_recall: str = MISSING
+    shift: str = MISSING
+    figures: str = MISSING
 
 
 @dataclass
 class Config:
-    seed: int = 42
-    data: DataConfig = field(default_factory=FashionMnistConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    optimizer: OptimizerConfig = field(default_factory=AdamConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = MISSING
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    augment: AugmentConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    invariance: InvarianceConfig = MISSING
+    mlflow: MlflowConfig = MISSING
+    paths: PathsConfig = MISSING
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "seed", self.seed, "must be a non-negative integer", "42")
@@ -375,23 +363,28 @@ def model_presets() -> list[str]:
     return group_options("model")
 
 
-def _option(raw: dict[str, Any], group: str, options: dict[str, type], default: str):
-    name = (raw.get(group) or {}).get("name", default)
+def _option(raw: dict[str, Any], group: str, options: dict[str, type], example: str):
+    name = (raw.get(group) or {}).get("name", example)
     if name not in options:
         raise ConfigError(f"{group}={name!r}: unknown {group}; choose one of "
-                          f"{', '.join(options)}; for example {group}={default}")
-    return options[name]()
+                          f"{', '.join(options)}; for example {group}={example}")
+    return options[name]
 
 
-def _schema_for(raw: dict[str, Any]) -> Config:
-    """The default config whose data and optimizer dataclasses match their `name` in `raw`."""
-    return Config(data=_option(raw, "data", DATA_SOURCES, "fashion_mnist"),
-                  optimizer=_option(raw, "optimizer", OPTIMIZERS, "adam"))
+def _schema_for(raw: dict[str, Any]):
+    """The schema whose data and optimizer dataclasses match their `name` in `raw`."""
+    schema = OmegaConf.structured(Config)
+    schema.data = OmegaConf.structured(_option(raw, "data", DATA_SOURCES, "fashion_mnist"))
+    schema.optimizer = OmegaConf.structured(_option(raw, "optimizer", OPTIMIZERS, "adam"))
+    return schema
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", "") or ""
     msg = str(err).splitlines()[0]
+    if isinstance(err, MissingMandatoryValue):
+        return (f"config key {key!r} is missing; add it, or compose the file again with "
+                "`python -m pipeline.params`, which writes every key")
     if "not in" in msg or "Key '" in msg:
         return f"unknown config key {key!r}; check the spelling against conf/ (see params.yaml)"
     return f"{key}: {msg}; fix the value in params.yaml or on the command line"
@@ -403,9 +396,8 @@ def validate(raw: dict[str, Any]) -> Config:
     Raises:
         ConfigError: one line naming the bad key or value and the fix.
     """
-    schema = OmegaConf.structured(_schema_for(raw))
     try:
-        merged = OmegaConf.merge(schema, raw)
+        merged = OmegaConf.merge(_schema_for(raw), raw)
         return OmegaConf.to_object(merged)  # runs each dataclass's __post_init__ checks
     except OmegaConfBaseException as err:
         cause = err.__cause__ or err.__context__

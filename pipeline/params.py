@@ -36,6 +36,11 @@ def compose_config(overrides: Sequence[str] = ()) -> dict[str, Any]:
         raise ConfigError(explain_override_error(str(err))) from None
 
 
+def composed(overrides: Sequence[str] = ()) -> Config:
+    """The typed config of `conf/` plus Hydra overrides (what `params.yaml` would hold)."""
+    return validate(compose_config(overrides))
+
+
 def explain_override_error(message: str) -> str:
     """Hydra's composition error as one line that names the bad value and the fix."""
     missing = re.search(r"Could not find '(\w+)/([^']*)'", message)
@@ -58,7 +63,7 @@ def params_yaml(cfg: Config) -> str:
 
 def write_params(overrides: Sequence[str] = (), path: Path | str = PARAMS_FILE) -> Config:
     """Compose, validate and write `params.yaml`; return the typed config."""
-    cfg = validate(compose_config(overrides))
+    cfg = composed(overrides)
     write_text(path, params_yaml(cfg))
     return cfg
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import functools
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,12 +35,12 @@ from pipeline.config import PathsConfig
 from pipeline.data.image_folder import EXTENSIONS, read_image
 from pipeline.errors import PipelineError, run_cli
 from pipeline.files import read_json
+from pipeline.params import composed
 
 if TYPE_CHECKING:
     import keras
 
 COLOR_MODES = {1: "grayscale", 3: "rgb"}  # the model's channels -> data.color_mode
-LABELS_FILE = Path(PathsConfig.labels).name  # written beside the trained model
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 MLFLOW_URI_PREFIXES = ("runs:/", "models:/")
 BATCH_SIZE = 64
@@ -77,6 +78,12 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
+@functools.cache
+def stage_paths() -> PathsConfig:
+    """Where `dvc repro` writes the model and its labels: the paths `conf/` composes."""
+    return composed().paths
+
+
 def load_predictor(model_ref: str,
                    tracking_uri: str | None = None) -> tuple[keras.Model, list[str]]:
     """The model and its class names, in output order.
@@ -98,7 +105,7 @@ def load_predictor(model_ref: str,
         return _load_logged_model(model_ref, uri)
     raise PredictError(f"model {model_ref!r} not found: no such file, nor an MLflow run id or "
                        f"runs:/ or models:/ URI; give a trained .keras file (dvc repro writes "
-                       f"{PathsConfig.model}), a run id or a models:/ URI")
+                       f"{stage_paths().model}), a run id or a models:/ URI")
 
 
 def _load_keras_file(path: Path) -> tuple[keras.Model, list[str]]:
@@ -108,8 +115,8 @@ def _load_keras_file(path: Path) -> tuple[keras.Model, list[str]]:
         model = keras.models.load_model(path, compile=False)
     except NOT_A_MODEL as err:
         raise PredictError(f"{str(path)!r} is not a Keras model ({_first_line(err)}); give the "
-                           f"trained .keras file, e.g. {PathsConfig.model}") from err
-    labels_path = path.parent / LABELS_FILE
+                           f"trained .keras file, e.g. {stage_paths().model}") from err
+    labels_path = path.parent / Path(stage_paths().labels).name  # train writes it there
     labels = _read_labels(labels_path) if labels_path.is_file() else None
     return _checked(model, labels, str(labels_path))
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import Config, validate
+from pipeline.config import Config
 from pipeline.data import fashion_mnist
-from pipeline.params import compose_config
+from pipeline.params import composed
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
@@ -34,7 +34,7 @@ def data_dir() -> Path:
 
 def compose(*overrides: str) -> Config:
     """The typed config for `conf/` plus Hydra overrides."""
-    return validate(compose_config(overrides))
+    return composed(overrides)
 
 
 def env() -> dict[str, str]:

@@ -26,6 +26,7 @@ from pipeline.compare import (
     select_runs,
     write_report,
 )
+from pipeline.params import write_params
 from tests.conftest import REPO, run
 
 EXPERIMENT = "fashion-mnist-cnn"
@@ -302,7 +303,7 @@ def test_default_out_dir_is_named_after_the_sweep_or_the_experiment(store, tmp_p
 
 def test_default_experiment_comes_from_params_yaml(tmp_path):
     assert default_experiment(tmp_path) == "fashion-mnist-cnn"  # no params.yaml
-    (tmp_path / "params.yaml").write_text("mlflow:\n  experiment_name: my-experiment\n")
+    write_params(["mlflow.experiment_name=my-experiment"], tmp_path / "params.yaml")
     assert default_experiment(tmp_path) == "my-experiment"
 
 

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 import yaml
 
-from pipeline.config import OPTIMIZERS, group_options, to_dict, validate
+from omegaconf import MISSING
+
+from pipeline.config import (
+    DATA_SOURCES,
+    OPTIMIZERS,
+    Config,
+    group_options,
+    to_dict,
+    validate,
+)
 from pipeline.errors import ConfigError
 from pipeline.params import compose_config, params_yaml, write_params
 from tests.conftest import REPO, compose
@@ -83,6 +93,40 @@ def test_unknown_key_and_wrong_type_in_params_yaml_fail():
     raw["model"]["filters"] = "wide"
     with pytest.raises(ConfigError, match="model.filters"):
         validate(raw)
+
+
+def test_a_key_missing_from_params_yaml_fails_with_the_fix():
+    raw = to_dict(compose())
+    del raw["trainer"]["epochs"]
+    with pytest.raises(ConfigError, match=r"^config key 'trainer.epochs' is missing; add it, or "
+                                          r"compose the file again with `python -m pipeline.params`"):
+        validate(raw)
+    raw = to_dict(compose())
+    del raw["paths"]
+    with pytest.raises(ConfigError, match="config key 'paths' is missing"):
+        validate(raw)
+
+
+def schema_classes(cls: type) -> set[type]:
+    """`cls` and every dataclass that its fields or its subclasses' fields name."""
+    found, todo = set(), [cls, *DATA_SOURCES.values(), *OPTIMIZERS.values()]
+    while todo:
+        current = todo.pop()
+        if current in found:
+            continue
+        found.add(current)
+        hints = typing.get_type_hints(current)
+        todo += [hints[f.name] for f in dataclasses.fields(current)
+                 if dataclasses.is_dataclass(hints[f.name])]
+    return found
+
+
+def test_values_live_in_conf_and_the_schema_holds_none():
+    classes = schema_classes(Config)
+    assert len(classes) > 15
+    with_value = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
+                  if f.default is not MISSING or f.default_factory is not dataclasses.MISSING]
+    assert with_value == []
 
 
 def test_optimizer_fields_match_their_option():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICK, env, mlflow_runs, run
+from tests.conftest import QUICK, compose, env, mlflow_runs, run
 from tests.servers import free_port
 
 # long enough to be interrupted after the first epoch, short enough for CI
@@ -200,7 +200,6 @@ def test_an_epoch_cut_short_by_sigterm_is_neither_checkpointed_nor_logged(tmp_pa
     import numpy as np
 
     from pipeline.checkpoints import Checkpoint, TrainingInterrupted
-    from pipeline.config import AdamConfig
     from pipeline.train import train
 
     class SigtermAt(keras.callbacks.Callback):
@@ -232,7 +231,7 @@ def test_an_epoch_cut_short_by_sigterm_is_neither_checkpointed_nor_logged(tmp_pa
     logged = []
 
     def fit(model):
-        return train(model, data, data, AdamConfig(), epochs=3, batch_size=32,
+        return train(model, data, data, compose().optimizer, epochs=3, batch_size=32,
                      log_metrics=lambda metrics, step: logged.append(step), checkpoint=checkpoint)
 
     with pytest.raises(TrainingInterrupted):

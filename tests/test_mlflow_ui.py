@@ -21,8 +21,8 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import MlflowConfig
 from pipeline.tracking import PARENT_RUN_TAG, SWEEP_ID_TAG, SWEEP_PARENT_TAG
+from tests.conftest import compose
 from tests.servers import free_port, stop, wait_until_ok
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ COMPARE_WINDOW = (1800, 1600)
 BROWSER_TIMEOUT_S = 60
 SERVER_START_TIMEOUT_S = 60
 
-EXPERIMENT = MlflowConfig().experiment_name
+EXPERIMENT = compose().mlflow.experiment_name
 SWEEP_ID = "sweep-ui-0001"
 SHARE_KEY = "sweep-ui-view"  # MLflow's share-view tag is mlflow.sharedViewState.<key>
 EPOCH_METRICS = ("loss", "val_loss", "accuracy", "val_accuracy")

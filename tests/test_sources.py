@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import h5py
@@ -10,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import Hdf5Config, ImageFolderConfig
+from pipeline.config import ImageFolderConfig
 from pipeline.data import hdf5, load_dataset, with_positive_class
 from pipeline.data.dataset import Dataset
 from pipeline.errors import DataError
@@ -99,8 +100,9 @@ def test_hdf5_course_layout(tmp_path):
 def test_hdf5_configurable_names_and_float_images(tmp_path):
     x = np.random.default_rng(1).random((12, 8, 8))
     write_h5(tmp_path / "a.h5", x, np.arange(12) % 3, classes=None, x_key="X", y_key="Y")
-    cfg = Hdf5Config(path=str(tmp_path / "a.h5"), test_path=str(tmp_path / "a.h5"), x_key="X",
-                     y_key="Y", test_x_key="X", test_y_key="Y", classes_key=None)
+    h5 = str(tmp_path / "a.h5")
+    cfg = dataclasses.replace(compose("data=hdf5").data, path=h5, test_path=h5, x_key="X",
+                              y_key="Y", test_x_key="X", test_y_key="Y", classes_key=None)
     data = hdf5.load(cfg, tmp_path)
     assert data.class_names == ["0", "1", "2"]
     assert data.x_train.shape == (12, 8, 8, 1) and data.x_train.dtype == np.uint8

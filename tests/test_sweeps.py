@@ -17,11 +17,11 @@ from tests.conftest import QUICK, env, mlflow_runs, run
 LOGGER = """
 import sys, time, pathlib, mlflow
 from pipeline import tracking
-from pipeline.config import Config, MlflowConfig
+from pipeline.params import composed
 go = pathlib.Path(sys.argv[2])
 while not go.exists():
     time.sleep(0.01)
-cfg = Config(mlflow=MlflowConfig(tracking_uri=sys.argv[1], experiment_name="race"))
+cfg = composed([f"mlflow.tracking_uri={sys.argv[1]}", "mlflow.experiment_name=race"])
 with tracking.start_run(cfg, pathlib.Path.cwd(), "race", pathlib.Path("data")):
     for step in range(1, 101):
         mlflow.log_metrics({"loss": 1.0 / step, "accuracy": step / 100}, step=step)
