@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.compare import format_duration  # noqa: E402
+from pipeline.metric_names import EPOCH_SECONDS, TEST_ACCURACY  # noqa: E402
 
 
 def run_sweep(experiment: str, seeds: list[int], workdir: Path, extra: list[str]) -> str:
@@ -48,11 +49,11 @@ def read_results(uri: str, experiment: str) -> list[dict[str, float]]:
     exp = client.get_experiment_by_name(f"time-to-accuracy-{experiment}")
     rows = []
     for run in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'"):
-        if "test_accuracy" not in run.data.metrics:
+        if TEST_ACCURACY not in run.data.metrics:
             continue  # the sweep's parent run
-        seconds = client.get_metric_history(run.info.run_id, "epoch_seconds")
+        seconds = client.get_metric_history(run.info.run_id, EPOCH_SECONDS)
         rows.append({"seed": int(run.data.params["seed"]),
-                     "test_accuracy": run.data.metrics["test_accuracy"],
+                     "test_accuracy": run.data.metrics[TEST_ACCURACY],
                      "train_seconds": sum(m.value for m in seconds), "epochs": len(seconds)})
     return sorted(rows, key=lambda r: r["seed"])
 

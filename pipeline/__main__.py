@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import backend, build, evaluate, invariance, prepare, tracking, train
 from pipeline.config import Config, validate
 from pipeline.errors import ConfigError, PipelineError, as_pipeline_error, exit_interrupted, fail
+from pipeline.metric_names import TEST_ACCURACY
 
 ENTRY_POINT = "python -m pipeline"
 
@@ -57,7 +58,7 @@ def main(raw: DictConfig) -> float:
     except KeyboardInterrupt as err:
         shutil.rmtree(out_root, ignore_errors=True)
         exit_interrupted(err)
-    return metrics["test_accuracy"]
+    return metrics[TEST_ACCURACY]
 
 
 if __name__ == "__main__":

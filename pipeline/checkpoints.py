@@ -23,6 +23,7 @@ import keras
 from pipeline.config import Config, to_dict
 from pipeline.errors import TrainingError
 from pipeline.files import read_json, write_json
+from pipeline.metric_names import LOSS
 
 CHECKPOINTS_DIR = ".checkpoints"
 TRAINING_KEYS = ("seed", "data", "model", "augment", "optimizer", "trainer")
@@ -94,7 +95,7 @@ class LossGuard(keras.callbacks.Callback):
         self.epoch = epoch + 1
 
     def on_train_batch_end(self, batch, logs=None):
-        loss = float((logs or {}).get("loss", 0.0))
+        loss = float((logs or {}).get(LOSS, 0.0))
         if not math.isfinite(loss):
             raise TrainingError(f"the loss became {loss} in epoch {self.epoch}, step {batch + 1}: "
                                 "training diverged; lower optimizer.learning_rate (e.g. by 10x)")

@@ -30,14 +30,22 @@ from pipeline.config import PARAMS_FILE, load_params
 from pipeline.errors import PipelineError, run_cli
 from pipeline.figures import save_figure
 from pipeline.files import write_text
+from pipeline.metric_names import (
+    ACCURACY,
+    LOSS,
+    TEST_ACCURACY,
+    TEST_LOSS,
+    VAL_ACCURACY,
+    VAL_LOSS,
+)
 from pipeline.params import composed
 from pipeline.tracking import PARENT_RUN_TAG, SWEEP_ID_TAG, SWEEP_PARENT_TAG
 
 IGNORED_PARAM_PREFIXES = ("paths.", "mlflow.")  # differ between runs without changing results
 EPOCH_PARAM = "trainer.epochs"
-TABLE_METRICS = ("test_accuracy", "test_loss", "val_accuracy", "val_loss")
-PANELS = (("loss", "train cost J"), ("val_loss", "validation cost J"),
-          ("accuracy", "train accuracy"), ("val_accuracy", "validation accuracy"))
+TABLE_METRICS = (TEST_ACCURACY, TEST_LOSS, VAL_ACCURACY, VAL_LOSS)
+PANELS = ((LOSS, "train cost J"), (VAL_LOSS, "validation cost J"),
+          (ACCURACY, "train accuracy"), (VAL_ACCURACY, "validation accuracy"))
 REPORTS_DIR = "reports"
 REPORT_MD = "comparison.md"
 REPORT_PNG = "comparison.png"

@@ -30,6 +30,7 @@ from pipeline.figures import (
     save_figure,
 )
 from pipeline.files import read_json, write_json, write_text
+from pipeline.metric_names import TEST_ACCURACY, TEST_LOSS
 from pipeline.prepare import read_meta, read_split
 
 CONFUSION_PNG = "confusion_matrix.png"
@@ -137,8 +138,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, class_names: list
     fpr, tpr, roc_thresholds = roc_curve(positive, score)
     recall, precision, pr_thresholds = precision_recall_curve(positive, score)
     metrics = {
-        "test_loss": float(keras.ops.convert_to_numpy(loss)),
-        "test_accuracy": float(np.mean(predicted == y)),
+        TEST_LOSS: float(keras.ops.convert_to_numpy(loss)),
+        TEST_ACCURACY: float(np.mean(predicted == y)),
         "macro_precision": float(np.mean([s["precision"] for s in scores.values()])),
         "macro_recall": float(np.mean([s["recall"] for s in scores.values()])),
         "macro_f1": float(np.mean([s["f1"] for s in scores.values()])),
@@ -275,7 +276,7 @@ def print_summary(cfg: Config, out_root: Path, metrics: dict, run_id: str, uri: 
         full = out_root / path
         return str(full.relative_to(Path.cwd())) if full.is_relative_to(Path.cwd()) else str(full)
 
-    print(f"\ntest accuracy {metrics['test_accuracy']:.4f}  (test loss {metrics['test_loss']:.4f}, "
+    print(f"\ntest accuracy {metrics[TEST_ACCURACY]:.4f}  (test loss {metrics[TEST_LOSS]:.4f}, "
           f"macro F1 {metrics['macro_f1']:.4f})\n"
           f"  {shift_line(metrics['shift'], cfg.invariance.max_shift)}\n"
           f"  model    {show(cfg.paths.model)}\n"

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.files import atomic_path  # noqa: E402
+from pipeline.metric_names import ACCURACY, LOSS  # noqa: E402
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str]) -> plt.Figure:
@@ -37,8 +38,8 @@ def plot_learning_curves(history: list[dict[str, float]]) -> plt.Figure:
     """Train and validation cost J and accuracy per epoch, side by side."""
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
-    for ax, metric, label in ((axes[0], "loss", "cost J (cross-entropy)"),
-                              (axes[1], "accuracy", "accuracy")):
+    for ax, metric, label in ((axes[0], LOSS, "cost J (cross-entropy)"),
+                              (axes[1], ACCURACY, "accuracy")):
         ax.plot(epochs, [row[metric] for row in history], "o-", label="train")
         if all(f"val_{metric}" in row for row in history):
             ax.plot(epochs, [row[f"val_{metric}"] for row in history], "o-", label="validation")

@@ -20,9 +20,9 @@ second class.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import functools
 import re
 from collections.abc import Sequence
 from pathlib import Path

@@ -25,9 +25,10 @@ from pipeline import tracking
 from pipeline.config import PARAMS_FILE, Config, validate
 from pipeline.errors import PipelineError, run_cli
 from pipeline.files import write_text
+from pipeline.metric_names import TEST_ACCURACY, TEST_LOSS
 from pipeline.params import params_yaml
 
-COMPARED = ("test_accuracy", "test_loss")
+COMPARED = (TEST_ACCURACY, TEST_LOSS)
 
 
 class ReproduceError(PipelineError):

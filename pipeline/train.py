@@ -39,10 +39,18 @@ from pipeline.config import (
 )
 from pipeline.errors import run_cli
 from pipeline.files import atomic_path, removed_on_failure, write_json, write_text
+from pipeline.metric_names import (
+    ACCURACY,
+    EPOCH_SECONDS,
+    HISTORY_FIELDS,
+    LEARNING_RATE,
+    LOSS,
+    VAL_ACCURACY,
+    VAL_LOSS,
+)
 from pipeline.prepare import META_FILE, read_meta, read_split
 
 BACKEND_PACKAGES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
-HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 # The lecture's cost J: cross-entropy averaged over the batch, for a softmax over the classes
 # or for one sigmoid unit (a two-class detector).
 COST_J = {"softmax": "sparse_categorical_crossentropy", "sigmoid": "binary_crossentropy"}
@@ -97,7 +105,7 @@ class EpochLog(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        logs["learning_rate"] = current_learning_rate(self.model.optimizer)
+        logs[LEARNING_RATE] = current_learning_rate(self.model.optimizer)
         row = {"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_FIELDS[1:] if k in logs}}
         self.rows.append(row)
         if self.on_rows:
@@ -105,11 +113,11 @@ class EpochLog(keras.callbacks.Callback):
         seconds = time.perf_counter() - self._start
         if self.log_metrics:  # MLflow: the epoch's metrics and its wall time
             self.log_metrics({**{k: v for k, v in row.items() if k != "epoch"},
-                              "epoch_seconds": seconds}, step=epoch + 1)
-        print(f"epoch {epoch + 1}/{self.epochs}  loss {row['loss']:.4f}  "
-              f"accuracy {row['accuracy']:.4f}  val_loss {row.get('val_loss', math.nan):.4f}  "
-              f"val_accuracy {row.get('val_accuracy', math.nan):.4f}  "
-              f"lr {row['learning_rate']:.3g}  {seconds:.1f}s", flush=True)
+                              EPOCH_SECONDS: seconds}, step=epoch + 1)
+        print(f"epoch {epoch + 1}/{self.epochs}  loss {row[LOSS]:.4f}  "
+              f"accuracy {row[ACCURACY]:.4f}  val_loss {row.get(VAL_LOSS, math.nan):.4f}  "
+              f"val_accuracy {row.get(VAL_ACCURACY, math.nan):.4f}  "
+              f"lr {row[LEARNING_RATE]:.3g}  {seconds:.1f}s", flush=True)
 
 
 def output_kind(model: keras.Model) -> str:
@@ -122,7 +130,7 @@ def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer,
     """`jit_compile="auto"` is Keras's rule: on TensorFlow, XLA on GPUs and off on CPUs (where
     it made a small CNN several times slower), and off under op determinism; JAX always
     compiles with XLA."""
-    model.compile(optimizer=optimizer, loss=COST_J[output_kind(model)], metrics=["accuracy"],
+    model.compile(optimizer=optimizer, loss=COST_J[output_kind(model)], metrics=[ACCURACY],
                   jit_compile=jit_compile)
 
 

@@ -7,7 +7,6 @@ import typing
 
 import pytest
 import yaml
-
 from omegaconf import MISSING
 
 from pipeline.config import (
@@ -98,8 +97,8 @@ def test_unknown_key_and_wrong_type_in_params_yaml_fail():
 def test_a_key_missing_from_params_yaml_fails_with_the_fix():
     raw = to_dict(compose())
     del raw["trainer"]["epochs"]
-    with pytest.raises(ConfigError, match=r"^config key 'trainer.epochs' is missing; add it, or "
-                                          r"compose the file again with `python -m pipeline.params`"):
+    fix = "add it, or compose the file again with `python -m pipeline.params`"
+    with pytest.raises(ConfigError, match=rf"^config key 'trainer.epochs' is missing; {fix}"):
         validate(raw)
     raw = to_dict(compose())
     del raw["paths"]

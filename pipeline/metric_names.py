@@ -1,0 +1,16 @@
+"""The names metrics are recorded under, each written once: the test metrics in `metrics.json`
+(`dvc metrics show`) and MLflow, the per-epoch columns of the history CSV (`dvc plots show`)
+and MLflow's per-epoch metrics. The stages write them and the readers (compare, reproduce,
+the benchmarks) import them from here."""
+
+TEST_ACCURACY = "test_accuracy"
+TEST_LOSS = "test_loss"
+
+# Per epoch: Keras's names for the training and validation metrics, plus what `train` adds.
+LOSS = "loss"
+ACCURACY = "accuracy"
+VAL_LOSS = "val_loss"
+VAL_ACCURACY = "val_accuracy"
+LEARNING_RATE = "learning_rate"
+EPOCH_SECONDS = "epoch_seconds"  # MLflow only: the epoch's wall time
+HISTORY_FIELDS = ("epoch", LOSS, ACCURACY, VAL_LOSS, VAL_ACCURACY, LEARNING_RATE)
