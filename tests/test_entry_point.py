@@ -74,7 +74,9 @@ def assert_failed_cleanly(result, project, message):
 
 @pytest.mark.parametrize("override,message", [
     ("optimizer.learning_rate=-0.1", "optimizer.learning_rate=-0.1: must be positive"),
-    ("trainer.batch_size=0", "trainer.batch_size=0: must be a positive integer"),
+    # the same path as the learning rate; test_config checks the value itself
+    pytest.param("trainer.batch_size=0", "trainer.batch_size=0: must be a positive integer",
+                 marks=pytest.mark.slow),
     ("data.path=no/such/folder", "no/such/folder not found"),
 ])
 def test_bad_values_fail_before_training(project, override, message):
@@ -84,7 +86,7 @@ def test_bad_values_fail_before_training(project, override, message):
 
 @pytest.mark.parametrize("override,message", [
     ("optimizer=adma", "unknown optimizer"),
-    ("model=resnet", "unknown model"),
+    pytest.param("model=resnet", "unknown model", marks=pytest.mark.slow),  # as the optimizer
 ])
 def test_unknown_names_fail_at_composition(project, override, message):
     result = run(pipeline_cmd(override), project, check=False)
