@@ -18,7 +18,9 @@ def default_backend() -> str:
                 return name
         except ImportError:  # a package that cannot even be located counts as absent
             continue
-    return "tensorflow"  # neither: Keras's own error then names what to install
+    raise ImportError("no Keras backend is installed: install the package with one, "
+                      "pip install -e '.[tensorflow]' (or '.[gpu]', '.[jax]'), or set "
+                      "KERAS_BACKEND to the one you have")
 
 
 # Before TensorFlow is first imported: keep its start-up log quiet unless asked for. The

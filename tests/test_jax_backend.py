@@ -3,7 +3,9 @@ TensorFlow, and nothing imports TensorFlow."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -33,6 +35,27 @@ def test_tensorflow_is_blocked_and_the_default_backend_falls_back_to_jax(tmp_pat
                  tmp_path, extra_env={**extra, "KERAS_BACKEND": None})
     assert chosen.stdout.strip() == "jax"
     assert [r["loaded"] for r in import_reports(folder)] == [[], []]
+
+
+def test_no_backend_at_all_names_the_extras_to_install(tmp_path):
+    extra = {**without_packages(tmp_path / "no-backend", "tensorflow", "jax"),
+             "KERAS_BACKEND": None}
+    result = run(["python", "-c", "import pipeline"], tmp_path, check=False, extra_env=extra)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ImportError: no Keras backend is installed: install the package with one, pip install "
+        "-e '.[tensorflow]' (or '.[gpu]', '.[jax]'), or set KERAS_BACKEND to the one you have")
+
+
+def test_the_backend_is_an_extra_so_a_jax_install_pulls_no_tensorflow():
+    """What pip reads: the installed package's requirements, each with its extra."""
+    by_extra: dict[str, list[str]] = {}
+    for requirement in importlib.metadata.requires("pipeline"):
+        name = re.match(r"[\w-]+", requirement)[0]
+        extra = re.search(r'extra == "([\w-]+)"', requirement)
+        by_extra.setdefault(extra[1] if extra else "", []).append(name)
+    assert not {"tensorflow", "jax", "torch"} & set(by_extra[""]), by_extra[""]
+    assert by_extra["tensorflow"] == ["tensorflow"] and by_extra["jax"] == ["jax"]
 
 
 def logged_model_files(project: Path, run_id: str) -> tuple[list[str], dict]:
