@@ -207,7 +207,6 @@ class GDConfig(OptimizerConfig):
     """Plain (mini-batch) gradient descent: SGD without momentum."""
 
 
-
 @dataclass
 class MomentumConfig(OptimizerConfig):
     momentum: float = MISSING

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.files import atomic_path  # noqa: E402
-from pipeline.metric_names import ACCURACY, LOSS  # noqa: E402
+from pipeline.metric_names import ACCURACY, LOSS, VAL_ACCURACY, VAL_LOSS  # noqa: E402
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str]) -> plt.Figure:
@@ -38,11 +38,11 @@ def plot_learning_curves(history: list[dict[str, float]]) -> plt.Figure:
     """Train and validation cost J and accuracy per epoch, side by side."""
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
-    for ax, metric, label in ((axes[0], LOSS, "cost J (cross-entropy)"),
-                              (axes[1], ACCURACY, "accuracy")):
+    for ax, metric, val_metric, label in ((axes[0], LOSS, VAL_LOSS, "cost J (cross-entropy)"),
+                                          (axes[1], ACCURACY, VAL_ACCURACY, "accuracy")):
         ax.plot(epochs, [row[metric] for row in history], "o-", label="train")
-        if all(f"val_{metric}" in row for row in history):
-            ax.plot(epochs, [row[f"val_{metric}"] for row in history], "o-", label="validation")
+        if all(val_metric in row for row in history):
+            ax.plot(epochs, [row[val_metric] for row in history], "o-", label="validation")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

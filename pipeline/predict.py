@@ -35,7 +35,6 @@ from pipeline.config import PathsConfig
 from pipeline.data.image_folder import EXTENSIONS, read_image
 from pipeline.errors import PipelineError, run_cli
 from pipeline.files import read_json
-from pipeline.params import composed
 
 if TYPE_CHECKING:
     import keras
@@ -81,6 +80,8 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
 @functools.cache
 def stage_paths() -> PathsConfig:
     """Where `dvc repro` writes the model and its labels: the paths `conf/` composes."""
+    from pipeline.params import composed  # Hydra, only when a path is needed
+
     return composed().paths
 
 
