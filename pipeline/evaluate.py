@@ -251,7 +251,7 @@ def run(cfg: Config, root: Path, out_root: Path) -> dict:
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
         log_shift_curve(mlflow, shift)
         mlflow.log_metrics(flatten({"shift": metrics["shift"]}))
-        mlflow.log_metrics({f"test_f1.{name}": s["f1"]
+        mlflow.log_metrics({tracking.metric_key(f"test_f1.{name}"): s["f1"]
                             for name, s in metrics["per_class"].items()})
         mlflow.log_artifacts(str(figures), artifact_path="figures")
         mlflow.log_artifact(str(out_root / cfg.paths.metrics))

@@ -32,7 +32,7 @@ import numpy as np
 
 from pipeline import tracking
 from pipeline.config import PathsConfig
-from pipeline.data.image_folder import EXTENSIONS, read_image
+from pipeline.data.image_folder import EXTENSIONS, image_files, read_image
 from pipeline.errors import PipelineError, run_cli
 from pipeline.files import read_json
 
@@ -55,7 +55,7 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
     """The image files named, with those inside the folders named (sorted, subfolders too).
 
     A file named directly is taken whatever its suffix; a folder contributes its files with
-    an image suffix (any case).
+    an image suffix (any case), hidden files and folders left out.
 
     Raises:
         PredictError: a path does not exist, or a folder holds no image files.
@@ -63,8 +63,7 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            images = sorted(p for p in path.rglob("*")
-                            if p.is_file() and p.suffix.lower() in EXTENSIONS)
+            images = image_files(path)
             if not images:
                 raise PredictError(f"folder {str(path)!r} holds no image files "
                                    f"({' '.join(EXTENSIONS)}); give a folder with images "

@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.config import Config, load_params
 from pipeline.data import Dataset, load_dataset
 from pipeline.data.split import stratified_order
-from pipeline.errors import run_cli
+from pipeline.errors import DataError, run_cli
 from pipeline.files import atomic_dir, read_arrays, read_json, write_arrays, write_json
 
 SPLITS = ("train", "val", "test")
@@ -45,6 +45,10 @@ def prepare(data: Dataset, limit: int | None, val_fraction: float, seed: int) ->
         "val": (data.x_train[val_idx], data.y_train[val_idx]),
         "test": (data.x_test[test_idx], data.y_test[test_idx]),
     }
+    check_splits(splits, data.class_names, limit, val_fraction)
+    if splits["train"][0].min() == splits["train"][0].max():
+        raise DataError(f"every training pixel has the value {splits['train'][0].flat[0]}: "
+                        "the images carry nothing to learn; check the data source")
     x_train = splits["train"][0].astype(np.float64) / 255.0
     num_classes = len(data.class_names)
     counts = np.bincount(splits["train"][1], minlength=num_classes)
@@ -61,6 +65,30 @@ def prepare(data: Dataset, limit: int | None, val_fraction: float, seed: int) ->
         "pixel_std": float(x_train.std()),
     }
     return Prepared(splits=splits, meta=meta)
+
+
+def check_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str],
+                 limit: int | None, val_fraction: float) -> None:
+    """Refuse splits that training or evaluation cannot use: an empty split, or a class
+    missing from the training or test split (a model cannot learn it, nor be scored on it).
+
+    Raises:
+        DataError: naming the split, the counts and the settings to change.
+    """
+    sizes = ", ".join(f"{name} {len(y)}" for name, (_, y) in splits.items())
+    settings = f"data.limit={limit}, data.val_fraction={val_fraction}"
+    for name in SPLITS:
+        if len(splits[name][1]) == 0:
+            raise DataError(f"the {name} split is empty ({sizes}; {settings}); add images, "
+                            "raise data.limit or change data.val_fraction")
+    for name in ("train", "test"):
+        counts = np.bincount(splits[name][1], minlength=len(class_names))
+        missing = [c for c, n in zip(class_names, counts) if n == 0]
+        if missing:
+            raise DataError(f"the {name} split has no images of class(es) "
+                            f"{', '.join(map(repr, missing))} ({sizes}; {settings}); add "
+                            "images of each class, raise data.limit (or data.test_fraction), "
+                            "or fix the labels")
 
 
 def write_prepared(prepared: Prepared, out_dir: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -110,6 +111,12 @@ def config_params(cfg: Config) -> dict[str, Any]:
     """The resolved config flattened to dotted MLflow params (`optimizer.learning_rate`, ...)."""
     flat = flatten(to_dict(cfg))
     return {key: ("null" if value is None else value) for key, value in flat.items()}
+
+
+def metric_key(name: str) -> str:
+    """`name` as MLflow accepts a metric key: letters, digits and `_ - . : /` and spaces kept,
+    anything else (a class folder's `(`, `&`, `'`, `+`, `,`) replaced by `_`."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
 
 
 @contextmanager

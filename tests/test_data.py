@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.data import fashion_mnist, fetch
+from pipeline.data.dataset import Dataset
 from pipeline.data.idx import decode_idx, encode_idx, read_idx
 from pipeline.data.split import stratified_order
 from pipeline.errors import DataError
@@ -107,6 +108,38 @@ def test_prepare_limits_splits_and_records_statistics(data_dir):
     assert prepared.meta["input_shape"] == [28, 28, 1]
     full = prepare(data, limit=None, val_fraction=0.1, seed=7).meta["sizes"]
     assert full == {"train": 54_000, "val": 6_000, "test": 10_000}
+
+
+def tiny_dataset(y_train, y_test, x_value=None) -> Dataset:
+    """Random 4x4 images (or all `x_value`) with the given labels, classes a, b, c."""
+    rng = np.random.default_rng(0)
+
+    def images(n):
+        return (np.full((n, 4, 4, 1), x_value, np.uint8) if x_value is not None
+                else rng.integers(0, 256, (n, 4, 4, 1), dtype=np.uint8))
+
+    return Dataset(images(len(y_train)), np.asarray(y_train), images(len(y_test)),
+                   np.asarray(y_test), ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("y_train,y_test,limit,val_fraction,message", [
+    ([0, 1, 2], [0, 1, 2], 1, 0.1, r"the train split is empty \(train 0, val 1, test 1; "
+     r"data.limit=1, data.val_fraction=0.1\); add images, raise data.limit"),
+    ([1, 2] * 10, [0, 1, 2], None, 0.2, r"the train split has no images of class\(es\) 'a' "
+     r"\(train 16, val 4, test 3;.*or fix the labels"),
+    ([0, 1, 2] * 10, [0, 1, 1], None, 0.2, r"the test split has no images of class\(es\) 'c'"),
+    ([0, 1, 2] * 10, [0, 1, 2, 0, 1, 2], 2, 0.2, r"the train split has no images of class"),
+])
+def test_prepare_refuses_splits_that_cannot_train_or_be_scored(y_train, y_test, limit,
+                                                               val_fraction, message):
+    with pytest.raises(DataError, match=message):
+        prepare(tiny_dataset(y_train, y_test), limit=limit, val_fraction=val_fraction, seed=0)
+
+
+def test_prepare_refuses_images_that_are_all_one_value():
+    with pytest.raises(DataError, match="every training pixel has the value 7: the images carry "
+                       "nothing to learn"):
+        prepare(tiny_dataset([0, 1, 2] * 4, [0, 1, 2], x_value=7), None, 0.25, seed=0)
 
 
 def make_gz_dir(data_dir, dest):

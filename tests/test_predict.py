@@ -173,6 +173,14 @@ def test_find_images_walks_folders_sorted_and_takes_named_files_as_they_are(imag
     assert find_images([images.folder / "more"]) == [images.paths[-1]]
 
 
+def test_find_images_leaves_out_hidden_files_and_folders(tmp_path):
+    Image.fromarray(gray("noise")).save(tmp_path / "shoe.png")
+    (tmp_path / "._shoe.png").write_bytes(b"\0\5\26\7 macOS resource fork")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(gray("noise")).save(tmp_path / ".ipynb_checkpoints" / "shoe-checkpoint.png")
+    assert find_images([tmp_path]) == [tmp_path / "shoe.png"]
+
+
 def test_find_images_refuses_a_missing_path_and_a_folder_without_images(images, tmp):
     with pytest.raises(PredictError, match=r"image '.*nope\.png' does not exist"):
         find_images([images.folder, tmp / "nope.png"])

@@ -14,10 +14,13 @@ from PIL import Image
 from pipeline.config import ImageFolderConfig
 from pipeline.data import hdf5, load_dataset, with_positive_class
 from pipeline.data.dataset import Dataset
+from pipeline.data.image_folder import read_image
 from pipeline.errors import DataError
 from tests.conftest import compose, mlflow_runs, run, write_image_folder
 
 CATS = {"cat": 7, "non-cat": 9}  # sneakers play the cats, ankle boots the rest
+# a class folder named as people name them, with characters MLflow's metric names refuse
+NOT_CAT = "not a cat (boots, etc.)"
 
 
 def folder_config(path, **overrides) -> ImageFolderConfig:
@@ -54,6 +57,37 @@ def test_mixed_sizes_are_resized_and_reported(tmp_path, data_dir):
     data = load_dataset(folder_config(tmp_path / "images", test_fraction=0.25), tmp_path)
     assert data.notes == ["resized 1 of 9 images to 64x64"]
     assert data.x_train.shape[1:] == (64, 64, 3)
+
+
+def test_subfolders_count_and_hidden_files_and_other_files_do_not(tmp_path, data_dir):
+    path = write_image_folder(tmp_path / "images", data_dir, CATS, per_class=4,
+                              formats=("png", "webp", "tiff", "TIF"))
+    (path / "cat" / "indoor").mkdir()
+    (path / "cat" / "0000.png").rename(path / "cat" / "indoor" / "0000.png")
+    (path / "cat" / "._0001.png").write_bytes(b"\0\5\26\7 macOS resource fork")
+    (path / "non-cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (path / "non-cat" / ".ipynb_checkpoints").mkdir()
+    (path / "non-cat" / ".ipynb_checkpoints" / "0000-checkpoint.png").write_bytes(b"stale")
+    (path / "non-cat" / "notes.txt").write_text("where these came from")
+    data = load_dataset(folder_config(path, test_fraction=0.25), tmp_path, seed=0)
+    assert len(data.y_train) + len(data.y_test) == 8
+    assert np.bincount(np.r_[data.y_train, data.y_test]).tolist() == [4, 4]
+    assert data.notes[-1] == ("skipped 1 file(s) that are not images (.txt); the image formats "
+                              "are .png .jpg .jpeg .bmp .gif .webp .tif .tiff")
+
+
+def test_sixteen_bit_and_transparent_images_read_as_a_viewer_shows_them(tmp_path):
+    ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # a 16-bit grayscale PNG
+    pixels, _ = read_image(tmp_path / "deep.png", (8, 8), "grayscale")
+    np.testing.assert_array_equal(pixels[..., 0], np.rint(ramp / 257).astype(np.uint8))
+    logo = np.zeros((8, 8, 4), np.uint8)
+    logo[2:6, 2:6] = (200, 0, 0, 255)  # a red square on a transparent background
+    Image.fromarray(logo, "RGBA").save(tmp_path / "logo.png")
+    for mode, background, square in (("rgb", [255, 255, 255], [200, 0, 0]),
+                                     ("grayscale", [255], [60])):
+        pixels, _ = read_image(tmp_path / "logo.png", (8, 8), mode)
+        assert pixels[0, 0].tolist() == background and pixels[3, 3].tolist() == square
 
 
 @pytest.mark.parametrize("break_it,message", [
@@ -109,6 +143,20 @@ def test_hdf5_configurable_names_and_float_images(tmp_path):
     assert data.x_train.max() == round(x.max() * 255)
 
 
+def test_hdf5_sixteen_bit_images_scale_and_standardised_ones_are_refused(tmp_path):
+    x = np.linspace(0, 65535, 12 * 16, dtype=np.uint16).reshape(12, 4, 4)
+    write_h5(tmp_path / "a.h5", x, np.arange(12) % 2)
+    h5 = str(tmp_path / "a.h5")
+    cfg = dataclasses.replace(compose("data=hdf5").data, path=h5, test_path=h5,
+                              test_x_key="train_set_x", test_y_key="train_set_y")
+    data = hdf5.load(cfg, tmp_path)
+    assert data.x_train.min() == 0 and data.x_train.max() == 255
+    write_h5(tmp_path / "a.h5", (x - 30000.0) / 20000.0, np.arange(12) % 2)
+    with pytest.raises(DataError, match=r"train_set_x holds negative values \(from -1\.5 to "
+                       r"1\.77675\); store raw pixels"):
+        hdf5.load(cfg, tmp_path)
+
+
 @pytest.mark.parametrize("mutate,message", [
     (lambda f: f.__delitem__("train_set_x"), "has no dataset 'train_set_x'.*set data.x_key"),
     (lambda f: (f.__delitem__("train_set_y"), f.__setitem__("train_set_y", np.zeros(29))),
@@ -147,7 +195,8 @@ def detector_run(tmp_path_factory, data_dir):
     from tests.conftest import copy_project
 
     project = copy_project(tmp_path_factory.mktemp("detector") / "project", data_dir)
-    write_image_folder(project / "images", data_dir, CATS, per_class=60, size=(32, 32))
+    write_image_folder(project / "images", data_dir, {"cat": 7, NOT_CAT: 9}, per_class=60,
+                       size=(32, 32))
     overrides = ["data=image_folder", "data.image_size=[32,32]", "data.positive_class=cat",
                  "model=small_cnn", "trainer.epochs=2", "trainer.batch_size=16",
                  "augment=light", "trainer.class_weight=balanced"]
@@ -172,9 +221,11 @@ def test_detector_has_one_sigmoid_unit_and_binary_metrics(detector_run):
     assert roc[0] == "fpr,tpr,threshold" and roc[1].startswith("0,0,")
     assert (project / params["paths"]["figures"] / "roc_precision_recall.png").exists()
     labels = json.loads((project / params["paths"]["labels"]).read_text())
-    assert labels["class_names"] == ["non-cat", "cat"]
+    assert labels["class_names"] == [NOT_CAT, "cat"]
     (mlrun,) = mlflow_runs(project)
     assert mlrun.info.status == "FINISHED" and "roc_auc" in mlrun.data.metrics
+    assert mlrun.data.metrics["test_f1.not a cat _boots_ etc._"] == \
+        metrics["per_class"][NOT_CAT]["f1"]
     shown = run(["dvc", "plots", "show", "-o", "plots_html"], project)
     html = (project / "plots_html" / "index.html").read_text()
     assert "ROC" in html and "precision-recall" in html, shown.stdout

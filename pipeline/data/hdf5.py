@@ -26,9 +26,24 @@ def _images(array: np.ndarray, path: Path, key: str) -> np.ndarray:
         raise DataError(f"{path}:{key} has shape {array.shape}; expected (n, height, width) "
                         "or (n, height, width, channels)")
     if array.dtype != np.uint8:
-        scale = 255.0 if array.max(initial=0) <= 1.0 else 1.0
-        array = np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+        array = np.clip(np.rint(array * _pixel_scale(array, path, key)), 0, 255).astype(np.uint8)
     return array
+
+
+def _pixel_scale(array: np.ndarray, path: Path, key: str) -> float:
+    """The factor to 0..255: floats in 0..1 or 0..255, integers in 0..255 or 16-bit."""
+    low, high = float(array.min(initial=0)), float(array.max(initial=0))
+    if low < 0:
+        raise DataError(f"{path}:{key} holds negative values (from {low:g} to {high:g}); "
+                        "store raw pixels, not standardised ones: the model scales them")
+    if np.issubdtype(array.dtype, np.floating) and high <= 1.0:
+        return 255.0
+    if high <= 255:
+        return 1.0
+    if np.issubdtype(array.dtype, np.integer) and high <= 65535:
+        return 255 / 65535
+    raise DataError(f"{path}:{key} holds values from {low:g} to {high:g}; expected uint8 "
+                    "pixels, floats in 0..1 or 0..255, or 16-bit integers")
 
 
 def read_split(path: Path, x_key: str, y_key: str, keys: tuple[str, str]):

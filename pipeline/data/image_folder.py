@@ -11,7 +11,7 @@ from pipeline.data.dataset import Dataset
 from pipeline.data.split import split_off
 from pipeline.errors import DataError
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PIL_MODES = {"rgb": "RGB", "grayscale": "L"}
 
 
@@ -37,8 +37,15 @@ def class_folders(path: Path) -> list[Path]:
 
 
 def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in EXTENSIONS)
+    """The image files under `folder`, subfolders included, sorted; hidden files and folders
+    (`.DS_Store`, macOS's `._photo.jpg`, `.ipynb_checkpoints/`) are not images of the class."""
+    return [p for p in folder_files(folder) if p.suffix.lower() in EXTENSIONS]
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Every file under `folder` whose path below it has no hidden part, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def read_image(path: Path, size: tuple[int, int], mode: str) -> tuple[np.ndarray, bool]:
@@ -53,7 +60,7 @@ def read_image(path: Path, size: tuple[int, int], mode: str) -> tuple[np.ndarray
     try:
         with Image.open(path) as image:
             # upright as the camera meant it (phone photos carry the rotation in EXIF)
-            image = ImageOps.exif_transpose(image).convert(PIL_MODES[mode])
+            image = converted(ImageOps.exif_transpose(image), PIL_MODES[mode])
             resized = image.size != (size[1], size[0])
             if resized:
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
@@ -65,20 +72,49 @@ def read_image(path: Path, size: tuple[int, int], mode: str) -> tuple[np.ndarray
     return (array[..., np.newaxis] if array.ndim == 2 else array), resized
 
 
+def converted(image, mode: str):
+    """`image` in the PIL mode `mode` ("RGB" or "L"), as a viewer shows it: 16-bit pixels
+    scaled to 0..255 (Pillow's own conversion clips them to white), and
+    transparent pixels on white (Pillow's conversion drops the alpha and leaves them black)."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit PNG and TIFF pixels
+        pixels = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        image = Image.fromarray(np.rint(pixels * (255 / 65535)).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P"
+                                               and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return image.convert(mode)
+
+
 def read_folder(path: Path, class_names: list[str], size: tuple[int, int],
-                mode: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """All images under the class subfolders of `path`: (images, labels, number resized)."""
-    images, labels, resized = [], [], 0
+                mode: str) -> tuple[np.ndarray, np.ndarray, int, list[Path]]:
+    """All images under the class subfolders of `path`: (images, labels, number resized,
+    the other files, which are not images)."""
+    images, labels, resized, others = [], [], 0, []
     for label, name in enumerate(class_names):
         folder = path / name
         if not folder.is_dir():
             raise DataError(f"{path} has no folder {name!r}, a class of the training folder")
-        for file in image_files(folder):
+        for file in folder_files(folder):
+            if file.suffix.lower() not in EXTENSIONS:
+                others.append(file)
+                continue
             array, was_resized = read_image(file, size, mode)
             images.append(array)
             labels.append(label)
             resized += was_resized
-    return np.stack(images), np.asarray(labels, dtype=np.int64), resized
+    return np.stack(images), np.asarray(labels, dtype=np.int64), resized, others
+
+
+def skipped_note(others: list[Path]) -> str | None:
+    """A line on the files of the class folders that were left out for not being images."""
+    if not others:
+        return None
+    kinds = ", ".join(sorted({p.suffix.lower() or p.name for p in others}))
+    return (f"skipped {len(others)} file(s) that are not images ({kinds}); the image formats "
+            f"are {' '.join(EXTENSIONS)}")
 
 
 def load(cfg: ImageFolderConfig, root: Path, seed: int) -> Dataset:
@@ -86,7 +122,7 @@ def load(cfg: ImageFolderConfig, root: Path, seed: int) -> Dataset:
     path, test_path = root / cfg.path, root / cfg.test_path
     class_names = [p.name for p in class_folders(path)]
     size, notes = (cfg.image_size[0], cfg.image_size[1]), []
-    x, y, resized = read_folder(path, class_names, size, cfg.color_mode)
+    x, y, resized, others = read_folder(path, class_names, size, cfg.color_mode)
     if test_path.resolve() == path.resolve():
         train_idx, test_idx = split_off(y, cfg.test_fraction, np.random.default_rng(seed))
         x_train, y_train, x_test, y_test = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
@@ -96,9 +132,11 @@ def load(cfg: ImageFolderConfig, root: Path, seed: int) -> Dataset:
             raise DataError(f"test folder {test_path} has classes {extra} that the training "
                             f"folder {path} lacks")
         x_train, y_train = x, y
-        x_test, y_test, test_resized = read_folder(test_path, class_names, size, cfg.color_mode)
-        resized += test_resized
+        x_test, y_test, test_resized, test_others = read_folder(test_path, class_names, size,
+                                                                cfg.color_mode)
+        resized, others = resized + test_resized, others + test_others
     if resized:
         notes.append(f"resized {resized} of {len(x_train) + len(x_test)} images to "
                      f"{size[0]}x{size[1]}")
+    notes.extend(filter(None, [skipped_note(others)]))
     return Dataset(x_train, y_train, x_test, y_test, class_names, notes=notes)
