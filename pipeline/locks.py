@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -79,7 +81,49 @@ def check(root: Path) -> list[str]:
     path = root / RWLOCK
     if not path.is_file():
         return done
-    lock = json.loads(path.read_text() or "{}")
+    with rwlock_guard(root):
+        lock = read_rwlock(path)
+        if lock is None:
+            path.unlink()
+            return [f"removed {RWLOCK}, which was empty or not valid JSON (DVC writes it whole: "
+                    "a crashed dvc left it) and so held no locks"]
+        done.extend(clear_stale(path, lock))
+    return done
+
+
+def read_rwlock(path: Path) -> dict | None:
+    """The rwlock's entries; None when the file is empty or unparsable (it holds no locks)."""
+    try:
+        lock = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return lock if isinstance(lock, dict) else None
+
+
+@contextmanager
+def rwlock_guard(root: Path) -> Iterator[None]:
+    """Hold the lock that DVC takes while it edits the rwlock, so no edit of ours races its."""
+    from dvc.config import Config as DvcConfig
+    from dvc.lock import LockError as DvcLockError
+    from dvc.lock import make_lock
+
+    tmp = root / RWLOCK.parent
+    hardlink = DvcConfig(dvc_dir=str(root / ".dvc"))["core"].get("hardlink_lock", False)
+    guard = make_lock(str(tmp / "rwlock.lock"), tmp_dir=str(tmp), hardlink_lock=hardlink)
+    try:
+        guard.lock()
+    except DvcLockError:
+        raise LockError(f"DVC is busy in this project (it holds {tmp / 'rwlock.lock'}); wait "
+                        "for it to finish") from None
+    try:
+        yield
+    finally:
+        guard.unlock()
+
+
+def clear_stale(path: Path, lock: dict) -> list[str]:
+    """Remove the entries of processes that are gone. Raises LockError if one is alive."""
+    done = []
     holders = lock_holders(lock)
     live = [h for h in holders if is_running(h["pid"])]
     if live:
