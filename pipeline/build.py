@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 
 from pipeline import backend
-from pipeline.config import AugmentConfig, Config, ModelConfig, load_params
+from pipeline.config import AugmentConfig, Config, ModelConfig, check_model_fits, load_params
 from pipeline.errors import ConfigError, run_cli
 from pipeline.files import atomic_dir, write_json, write_text
 from pipeline.models import build_model, parameter_report, report_markdown
@@ -25,6 +25,7 @@ REPORT_MD = "report.md"
 def model_from_config(cfg: ModelConfig, meta: dict,
                       augment: AugmentConfig | None = None) -> keras.Model:
     """The one place where config becomes model arguments."""
+    check_model_fits(cfg, meta["input_shape"])  # one line, not Keras's negative-size error
     try:
         return _build(cfg, meta, augment)
     except ValueError as err:

@@ -12,6 +12,7 @@ its value lives once, in the YAML of its option under `conf/` (and so in `params
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -349,7 +350,57 @@ class Config:
     paths: PathsConfig = MISSING
 
     def __post_init__(self) -> None:
-        _require(self.seed >= 0, "seed", self.seed, "must be a non-negative integer", "42")
+        _require(0 <= self.seed <= MAX_SEED, "seed", self.seed,
+                 f"must be an integer from 0 to {MAX_SEED} (NumPy and TensorFlow seeds are "
+                 "32-bit)", "42")
+        if isinstance(self.data, ImageFolderConfig):  # the input size is known before prepare
+            check_model_fits(self.model, self.data.image_size)
+
+
+MAX_SEED = 2**32 - 1
+
+
+def _block_output(size: int, model: ModelConfig) -> int:
+    """The height (or width) after one conv block of `build_model`: `convs_per_block` convs
+    (a `valid` conv trims kernel_size - 1, a `same` one keeps the size), then a 2x2 pooling
+    with stride 2 (floor(size / 2)); 0 where a layer would get an empty input."""
+    for _ in range(model.convs_per_block):
+        if model.padding == "valid":
+            size -= model.kernel_size - 1
+        if size < 1:
+            return 0
+    return size // 2
+
+
+def check_model_fits(model: ModelConfig, input_shape: Sequence[int]) -> None:
+    """Refuse conv blocks that shrink the input to nothing, before Keras fails on them.
+
+    `input_shape` is the image's (height, width[, channels]): `input_shape` in prepare's
+    meta.json, or `data.image_size`. Every block must leave at least 1x1.
+
+    Raises:
+        ConfigError: one line naming model.filters, where the input runs out and the most
+            blocks that fit.
+    """
+    height, width = (int(s) for s in input_shape[:2])
+    image = f"{height}x{width}"
+    h, w = height + 2 * model.pad_input, width + 2 * model.pad_input
+    fits = 0
+    while True:  # ends: each block at least halves the size
+        h, w = _block_output(h, model), _block_output(w, model)
+        if h < 1 or w < 1:
+            break
+        fits += 1
+    blocks = len(model.filters)
+    if blocks <= fits:
+        return
+    shrink = "conv block shrinks" if blocks == 1 else "conv blocks shrink"
+    fix = (f"use at most {fits} block{'s' * (fits > 1)} for {image} images, or larger images"
+           if fits else
+           f"no conv block fits {image} images; use larger images, padding=same or a smaller "
+           "kernel_size")
+    raise ConfigError(f"model.filters={list(model.filters)!r}: {blocks} {shrink} a {image} "
+                      f"input to {h}x{w} after block {fits + 1}; {fix}")
 
 
 def group_options(group: str) -> list[str]:

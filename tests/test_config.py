@@ -13,6 +13,7 @@ from pipeline.config import (
     DATA_SOURCES,
     OPTIMIZERS,
     Config,
+    check_model_fits,
     group_options,
     to_dict,
     validate,
@@ -27,7 +28,7 @@ GROUPS = ["data", "model", "augment", "optimizer", "trainer", "experiment"]
 @pytest.mark.parametrize("group,option",
                          [(g, o) for g in GROUPS for o in group_options(g)])
 def test_every_option_composes_and_validates(group, option):
-    raw = compose_config([f"{group}={option}"])
+    raw = compose_config([f"{group}={option}"], sweep=True)  # a preset may be a sweep
     cfg = validate(raw)
     if group in ("data", "model", "optimizer"):
         assert getattr(cfg, group).name == option
@@ -133,3 +134,88 @@ def test_optimizer_fields_match_their_option():
     assert {f.name for f in dataclasses.fields(rms)} >= {"rho", "momentum", "epsilon"}
     adam = compose("optimizer=adam").optimizer
     assert (adam.beta_1, adam.beta_2) == (0.9, 0.999)
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_seed_in_the_32_bit_range_is_accepted(seed):
+    assert compose(f"seed={seed}").seed == seed
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seed_outside_the_32_bit_range_fails_with_one_line(seed):
+    with pytest.raises(ConfigError) as err:
+        compose(f"seed={seed}")
+    assert str(err.value) == (f"seed={seed}: must be an integer from 0 to 4294967295 (NumPy "
+                              "and TensorFlow seeds are 32-bit); for example seed=42")
+
+
+# (image height, width), model overrides, the most conv blocks that fit; the model is refused
+# with one block more. The default model (bn_cnn) has two 3x3 convs per block; each `valid`
+# conv trims kernel_size - 1, then the 2x2 pooling halves (rounding down).
+DEPTH_CASES = [
+    ((28, 28), [], 4),                                       # 28 14 7 3 1
+    ((64, 64), [], 6),                                       # 64 32 16 8 4 2 1
+    ((28, 28), ["model.padding=valid", "model.convs_per_block=1"], 3),  # 26>13 11>5 3>1
+    ((64, 64), ["model.padding=valid", "model.convs_per_block=1"], 4),  # 62>31 29>14 12>6 4>2
+    ((64, 64), ["model.padding=valid", "model.convs_per_block=2"], 3),  # 60>30 26>13 9>4
+    ((28, 28), ["model=lenet5"], 2),                         # pad 32, 5x5: 28>14 10>5
+    ((28, 64), ["model=small_cnn"], 4),                      # the smaller side decides
+    ((2, 2), ["model.padding=valid"], 0),                    # a 3x3 conv finds nothing
+]
+
+
+def depth_model(overrides: list[str], blocks: int):
+    return dataclasses.replace(compose(*overrides).model, filters=[1] * blocks)
+
+
+@pytest.mark.parametrize("size,overrides,fits", DEPTH_CASES)
+def test_model_depth_check_accepts_and_refuses_at_the_boundary(size, overrides, fits):
+    if fits:
+        check_model_fits(depth_model(overrides, fits), [*size, 1])
+    with pytest.raises(ConfigError) as err:
+        check_model_fits(depth_model(overrides, fits + 1), [*size, 1])
+    text = str(err.value)
+    image = f"{size[0]}x{size[1]}"
+    assert text.startswith(f"model.filters={[1] * (fits + 1)}: ")
+    assert f"a {image} input to " in text and f"after block {fits + 1};" in text
+    assert (f"use at most {fits} blocks for {image} images" if fits else "larger images") in text
+    assert "\n" not in text
+
+
+def test_model_depth_message_names_the_key_the_size_and_the_fix():
+    model = dataclasses.replace(compose().model, filters=[8] * 6)
+    with pytest.raises(ConfigError) as err:
+        check_model_fits(model, [28, 28, 1])
+    assert str(err.value) == ("model.filters=[8, 8, 8, 8, 8, 8]: 6 conv blocks shrink a 28x28 "
+                              "input to 0x0 after block 5; use at most 4 blocks for 28x28 "
+                              "images, or larger images")
+
+
+def test_model_depth_is_checked_at_validation_when_the_image_size_is_in_the_config():
+    folder = ["data=image_folder", "data.image_size=[28,28]"]
+    compose(*folder, "model.filters=[8,8,8,8]")
+    with pytest.raises(ConfigError, match=r"^model.filters=\[8, 8, 8, 8, 8\]: 5 conv blocks"):
+        compose(*folder, "model.filters=[8,8,8,8,8]")
+
+
+@pytest.mark.parametrize("size,overrides,fits", DEPTH_CASES)
+def test_model_depth_check_agrees_with_the_real_keras_model(size, overrides, fits):
+    """The check passes exactly when Keras builds the model and its last block is >= 1x1."""
+    from pipeline.models import build_model
+
+    for blocks in (fits, fits + 1):
+        cfg = depth_model(overrides, blocks)
+        try:
+            model = build_model(
+                [*size, 1], 10, pad_input=cfg.pad_input, filters=cfg.filters,
+                kernel_size=cfg.kernel_size, convs_per_block=cfg.convs_per_block,
+                padding=cfg.padding, pooling=cfg.pooling, batch_norm=False, dense_units=[])
+            built = min(model.get_layer("flatten").input.shape[1:3]) >= 1
+        except ValueError:
+            built = False
+        try:
+            check_model_fits(cfg, [*size, 1])
+            passed = True
+        except ConfigError:
+            passed = False
+        assert passed == built == (blocks == fits), (blocks, cfg)
