@@ -10,6 +10,7 @@ MLflow run to the project's store.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import hydra
@@ -18,8 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import backend, build, evaluate, invariance, prepare, tracking, train
 from pipeline.config import Config, validate
-from pipeline.errors import ConfigError, PipelineError, as_pipeline_error, exit_interrupted, fail
+from pipeline.errors import (
+    ConfigError,
+    PipelineError,
+    as_pipeline_error,
+    exit_interrupted,
+    fail,
+    run_cli,
+)
 from pipeline.metric_names import TEST_ACCURACY
+from pipeline.params import check_command_line
 
 ENTRY_POINT = "python -m pipeline"
 
@@ -34,7 +43,7 @@ def run_stages(cfg: Config, root: Path, out_root: Path, run_name: str | None = N
     prepare.run(cfg, root, out_root)
     build.run(cfg, out_root)
     train.run(cfg, root, out_root, ENTRY_POINT, run_name)
-    return evaluate.run(cfg, root, out_root)
+    return evaluate.run(cfg, root, out_root, ENTRY_POINT)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -46,6 +55,7 @@ def main(raw: DictConfig) -> float:
         cfg = validate(OmegaConf.to_container(raw, resolve=True))
         root = tracking.project_root()
         tracking.connect(tracking.tracking_uri(cfg.mlflow.tracking_uri, root))
+        tracking.ensure_experiment(cfg.mlflow.experiment_name)  # a deleted one fails now
         if cfg.invariance.baseline_run:  # a bad baseline fails now, not after training
             invariance.fetch_baseline(cfg.invariance.baseline_run, cfg)
         metrics = run_stages(cfg, root, out_root, run_name=hydra_cfg.job.override_dirname or None)
@@ -62,4 +72,5 @@ def main(raw: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    run_cli(lambda: check_command_line(sys.argv[1:]))  # one line, before Hydra's usage block
     main()

@@ -21,7 +21,7 @@ from pathlib import Path
 import keras
 
 from pipeline.config import Config, to_dict
-from pipeline.errors import TrainingError
+from pipeline.errors import Interrupted, TrainingError
 from pipeline.files import read_json, write_json
 from pipeline.metric_names import LOSS
 
@@ -29,13 +29,8 @@ CHECKPOINTS_DIR = ".checkpoints"
 TRAINING_KEYS = ("seed", "data", "model", "augment", "optimizer", "trainer")
 
 
-class TrainingInterrupted(KeyboardInterrupt):
+class TrainingInterrupted(Interrupted):
     """SIGTERM or Ctrl-C stopped training after a completed step; the checkpoint is kept."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-        self.exit_code = 128 + signum
 
 
 def fingerprint(cfg: Config, model: keras.Model, *inputs: Path) -> str:

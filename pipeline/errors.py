@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 
@@ -27,6 +30,35 @@ class TrainingError(PipelineError):
     """Training diverged or could not run."""
 
     exit_code = 3
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal (SIGTERM, SIGINT) stopped the process; its exit code is 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+def raise_interrupted(signum: int, frame=None) -> NoReturn:
+    """A signal handler: the signal becomes `Interrupted`, as Ctrl-C becomes KeyboardInterrupt."""
+    raise Interrupted(signum)
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block SIGTERM raises `Interrupted`, so the `except` and `finally` blocks
+    around it run (an MLflow run ends KILLED) instead of the process dying where it stands.
+    Outside the main thread, where Python cannot install handlers, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fail(err: PipelineError) -> NoReturn:

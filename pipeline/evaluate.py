@@ -210,15 +210,18 @@ def read_history(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def run(cfg: Config, root: Path, out_root: Path) -> dict:
-    """Evaluate the trained model on the test split; add the results to its MLflow run."""
+def run(cfg: Config, root: Path, out_root: Path, entry_point: str) -> dict:
+    """Evaluate the trained model on the test split; add the results to its MLflow run (or,
+    when only evaluate's params changed since training, to a run of their own)."""
     backend.configure(cfg.seed, cfg.trainer.deterministic, cfg.trainer.precision)
     prepared = out_root / cfg.paths.prepared
     meta = read_meta(prepared)
     x_test, y_test = read_split(prepared, "test")
     run_id = read_json(out_root / cfg.paths.run)["run_id"]
     model = keras.models.load_model(out_root / cfg.paths.model)
-    with tracking.resume_run(cfg, root, run_id):
+    with tracking.evaluation_run(cfg, root, run_id, entry_point,
+                                 tracking.data_location(cfg, root)) as active:
+        run_id = active.info.run_id
         import mlflow
 
         baseline_run = cfg.invariance.baseline_run
@@ -289,7 +292,7 @@ def print_summary(cfg: Config, out_root: Path, metrics: dict, run_id: str, uri: 
 
 def main() -> None:
     root = Path.cwd()
-    run(load_params(), root, root)
+    run(load_params(), root, root, tracking.dvc_entry_point())
 
 
 if __name__ == "__main__":

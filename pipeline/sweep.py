@@ -4,14 +4,17 @@ Registered in `conf/config.yaml` under `hydra.callbacks`. At the start of a mult
 callback creates the parent run (tag `sweep.id`) and hands its id to the jobs through the
 environment (inherited by launcher subprocesses too); at the end it writes the comparison
 report into the sweep folder, logs it to the parent and ends the parent FINISHED. A sweep that
-dies on the way ends its parent FAILED when the process exits, and ends KILLED the runs of
-jobs whose processes were killed (a parallel launcher kills the other jobs when one fails).
+dies on the way ends its parent FAILED when the process exits (KILLED on SIGTERM or Ctrl-C),
+and ends KILLED the runs of jobs whose processes were killed (a parallel launcher kills the
+other jobs when one fails). A sweep named by `mlflow.sweep_id` keeps one parent: a second
+multirun under the same name adds its runs to it.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import signal
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pipeline import tracking
+from pipeline.errors import raise_interrupted
 
 
 def new_sweep_id() -> str:
@@ -34,6 +38,8 @@ class MlflowSweep(Callback):
         self.parent_run_id: str | None = None
         self.sweep_id: str | None = None
         self.experiment_id: str | None = None
+        self.status_at_exit = "FAILED"  # KILLED once a signal came
+        self.previous_handlers: dict[int, Any] = {}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         root = tracking.project_root()
@@ -41,12 +47,17 @@ class MlflowSweep(Callback):
         self.experiment_id = tracking.ensure_experiment(config.mlflow.experiment_name)
         self.sweep_id = config.mlflow.sweep_id or new_sweep_id()
         overrides = " ".join(config.hydra.overrides.task)
-        self.parent_run_id = tracking.create_sweep_parent(
-            self.experiment_id, self.sweep_id,
-            {"pipeline.entry_point": "python -m pipeline -m", "sweep.overrides": overrides})
+        self.parent_run_id = tracking.reopen_sweep_parent(
+            self.experiment_id, self.sweep_id) if config.mlflow.sweep_id else None
+        if self.parent_run_id is None:
+            self.parent_run_id = tracking.create_sweep_parent(
+                self.experiment_id, self.sweep_id,
+                {"pipeline.entry_point": "python -m pipeline -m", "sweep.overrides": overrides})
         os.environ[tracking.ENV_SWEEP_ID] = self.sweep_id
         os.environ[tracking.ENV_PARENT_RUN_ID] = self.parent_run_id
-        atexit.register(self._end_parent, "FAILED")
+        atexit.register(lambda: self._end_parent(self.status_at_exit))
+        self.previous_handlers = {s: signal.signal(s, self._interrupted)
+                                  for s in (signal.SIGTERM, signal.SIGINT)}
         print(f"sweep {self.sweep_id}: MLflow parent run {self.parent_run_id}", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -63,12 +74,20 @@ class MlflowSweep(Callback):
               flush=True)
         self._end_parent("FINISHED")
 
+    def _interrupted(self, signum: int, frame) -> None:
+        """SIGTERM or Ctrl-C: the parent ends KILLED when the process exits."""
+        self.status_at_exit = "KILLED"
+        raise_interrupted(signum, frame)
+
     def _end_parent(self, status: str) -> None:
         if self.parent_run_id is None:
             return
         from mlflow.tracking import MlflowClient
 
-        if status == "FAILED":
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        self.previous_handlers = {}
+        if status != "FINISHED":
             killed = tracking.end_orphaned_runs(self.experiment_id, self.sweep_id)
             if killed:
                 print(f"sweep {self.sweep_id}: {len(killed)} killed job(s) ended KILLED in MLflow",

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import Config, flatten, to_dict
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, sigterm_interrupts
 from pipeline.processes import is_running
 
 DEFAULT_STORE = "mlflow.db"
@@ -90,15 +90,31 @@ def data_md5(data_path: Path) -> str | None:
     return outs[0].get("md5")
 
 
+# What DVC writes for a run (the composed params, the lock of the stages' hashes): the run
+# logs them, so they differ from the commit without making the code dirty.
+RUN_FILES = ("params.yaml", "dvc.lock")
+
+
+def data_location(cfg: Config, root: Path) -> Path:
+    """The data the run reads, whose `.dvc` file holds its version (relative to `root`)."""
+    return Path(cfg.data.path) if Path(cfg.data.path).is_absolute() else root / cfg.data.path
+
+
 def lineage_tags(root: Path, data_path: Path, entry_point: str) -> dict[str, str]:
-    """Tags that trace a run back to its code, data, experiment and the process that ran it."""
+    """Tags that trace a run back to its code, data, experiment and the process that ran it.
+
+    `git.dirty` is true when a file git tracks, or a new file it does not ignore (a config
+    option not yet committed), differs from the commit; `params.yaml` and `dvc.lock` do not
+    count, as the run's params record them.
+    """
     tags = {"pipeline.entry_point": entry_point, HOST_TAG: socket.gethostname(),
             PID_TAG: str(os.getpid())}
     commit = _git(root, "rev-parse", "HEAD")
     if commit:
         tags["git.commit"] = commit
-        dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
-        tags["git.dirty"] = str(bool(dirty)).lower()
+        changed = _git(root, "status", "--porcelain", "--",
+                       *(f":(exclude,top){name}" for name in RUN_FILES))
+        tags["git.dirty"] = str(bool(changed)).lower()
     md5 = data_md5(data_path)
     if md5:
         tags["data.md5"] = md5
@@ -208,6 +224,11 @@ def ensure_experiment(name: str) -> str:
     import mlflow
 
     existing = mlflow.get_experiment_by_name(name)
+    if existing and existing.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"the MLflow experiment {name!r} (id {existing.experiment_id}) is deleted; restore "
+            f"it (mlflow experiments restore --experiment-id {existing.experiment_id}) or set "
+            "mlflow.experiment_name to another name")
     if existing:
         return existing.experiment_id
     try:
@@ -254,6 +275,16 @@ def find_sweep_parent(experiment_id: str, sweep_id: str) -> str | None:
         filter_string=(f"tags.`{SWEEP_ID_TAG}` = '{sweep_id}' "
                        f"and tags.`{SWEEP_PARENT_TAG}` = 'true'"))
     return found[0].info.run_id if found else None
+
+
+def reopen_sweep_parent(experiment_id: str, sweep_id: str) -> str | None:
+    """The parent run of sweep `sweep_id`, set RUNNING again for more runs; None if none."""
+    from mlflow.tracking import MlflowClient
+
+    parent = find_sweep_parent(experiment_id, sweep_id)
+    if parent is not None:
+        MlflowClient().update_run(parent, status="RUNNING")
+    return parent
 
 
 def dvc_sweep_parent(cfg: Config, root: Path, experiment_id: str) -> tuple[str, str]:
@@ -325,19 +356,52 @@ def start_run(cfg: Config, root: Path, entry_point: str, data_path: Path,
     sweep = sweep_of_this_run(cfg, root, experiment_id)
     if sweep:
         tags.update(sweep_tags(*sweep))
-    run = mlflow.start_run(experiment_id=experiment_id, tags=tags,
-                           run_name=run_name or os.environ.get("DVC_EXP_NAME"))
-    with _ending(mlflow):
-        mlflow.log_params(config_params(cfg))
-        yield run
+    with sigterm_interrupts():  # SIGTERM anywhere in the run ends it KILLED, not RUNNING
+        run = mlflow.start_run(experiment_id=experiment_id, tags=tags,
+                               run_name=run_name or os.environ.get("DVC_EXP_NAME"))
+        with _ending(mlflow):
+            mlflow.log_params(config_params(cfg))
+            yield run
 
 
 @contextmanager
 def resume_run(cfg: Config, root: Path, run_id: str) -> Iterator[Any]:
     """Reopen a run another stage started (e.g. evaluate after train) and end it again."""
     mlflow = _connect(cfg, root)
-    run = mlflow.start_run(run_id=run_id)
-    with _ending(mlflow):
+    with sigterm_interrupts():
+        run = mlflow.start_run(run_id=run_id)
+        with _ending(mlflow):
+            yield run
+
+
+EVALUATES_TAG = "pipeline.evaluates"  # on an evaluation run of its own: the trained run
+
+
+@contextmanager
+def evaluation_run(cfg: Config, root: Path, trained_run_id: str, entry_point: str,
+                   data_path: Path) -> Iterator[Any]:
+    """The run `evaluate` logs to: the training run, reopened, when it was logged with this
+    config; else (only evaluate's own params changed since, e.g. `invariance.*`, so DVC reran
+    evaluate alone) a new run tagged `pipeline.evaluates` with the training run's id, so that
+    every run's params describe its metrics."""
+    from mlflow.tracking import MlflowClient
+
+    _connect(cfg, root)
+    logged = MlflowClient().get_run(trained_run_id).data.params
+    changed = sorted(key for key, value in config_params(cfg).items()
+                     if logged.get(key) != str(value))
+    if not changed:
+        with resume_run(cfg, root, trained_run_id) as run:
+            yield run
+        return
+    with start_run(cfg, root, entry_point, data_path,
+                   run_name=f"evaluate {trained_run_id[:8]}") as run:
+        import mlflow
+
+        mlflow.set_tags({EVALUATES_TAG: trained_run_id,
+                         "pipeline.evaluate_changed": " ".join(changed)})
+        print(f"evaluate: {', '.join(changed)} differ from training run {trained_run_id}; "
+              f"the results go to run {run.info.run_id}, tagged {EVALUATES_TAG}", flush=True)
         yield run
 
 

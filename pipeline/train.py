@@ -265,7 +265,7 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
           f"{cfg.trainer.epochs} epochs, {replicas.describe_batch(cfg.trainer.batch_size)}, "
           f"{len(train_data[1])} images, on {backend.describe_devices()}"
           f"{replicas.describe_replicas()}", flush=True)
-    data_path = Path(cfg.data.path) if Path(cfg.data.path).is_absolute() else root / cfg.data.path
+    data_path = tracking.data_location(cfg, root)
     folder = fingerprint(cfg, model, prepared / META_FILE)
     if not replicas.is_chief:  # each process keeps its own checkpoint; only process 0 logs
         checkpoint = Checkpoint(tracking.project_root(root) / CHECKPOINTS_DIR

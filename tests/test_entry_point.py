@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
+import yaml
 
 from pipeline.__main__ import run_stages
 from pipeline.errors import ConfigError
+from pipeline.params import check_command_line, write_params
 from tests.conftest import QUICK, compose, mlflow_runs, run
 
 
@@ -90,8 +93,56 @@ def test_bad_values_fail_before_training(project, override, message):
 ])
 def test_unknown_names_fail_at_composition(project, override, message):
     result = run(pipeline_cmd(override), project, check=False)
-    assert result.returncode != 0
-    assert message in result.stderr or "Could not find" in result.stderr
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()  # one line, not Hydra's usage block
+    assert line.startswith("error: ") and message in line
+    assert not (project / "runs").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["trainer.epoch=3"], "unknown config key 'trainer.epoch'; check its spelling"),
+    (["-m", "optimizer=adam,adma"], "optimizer='adma': unknown optimizer; choose one of adam, "
+     "adamw, gd, momentum, rmsprop"),
+    (["-m", "hydra/launcher=joblib", "model=small_cnn,resnet", "trainer.epochs=1,2"],
+     "model='resnet': unknown model"),
+    (["experiment=compare_optimizers", "+trainer.epoch=1"], "trainer.epoch"),
+])
+def test_command_lines_are_checked_as_hydra_would_compose_them(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_command_line(argv)
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "optimizer=gd,adam", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    ["experiment=compare_optimizers", "trainer.epochs=1"],
+    ["--cfg", "job", "trainer.epochs=range(1,3)", "+hydra.job.env_set.X=1"],
+    ["--help"],
+])
+def test_good_command_lines_pass_the_check(argv):
+    check_command_line(argv)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["experiment=compare_optimizers"], "experiment=compare_optimizers is a sweep over "
+     "optimizer=gd,momentum,rmsprop,adam; params.yaml holds one config: run the sweep with "
+     "`python -m pipeline experiment=compare_optimizers`"),
+    (["optimizer=gd,adam"], "optimizer=gd,adam is a sweep; params.yaml holds one config: run "
+     "the sweep with `python -m pipeline -m optimizer=gd,adam`, or queue its runs with "
+     "`dvc exp run --queue -S 'optimizer=gd,adam'`"),
+])
+def test_params_yaml_refuses_a_sweep(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        write_params(overrides, tmp_path / "params.yaml")
+    assert not (tmp_path / "params.yaml").exists()
+
+
+def test_params_main_writes_the_projects_params_yaml_from_a_subfolder(project):
+    result = run(["python", "-m", "pipeline.params", "optimizer=rmsprop"], project / "conf")
+    assert yaml.safe_load((project / "params.yaml").read_text())["optimizer"]["name"] == "rmsprop"
+    assert not (project / "conf" / "params.yaml").exists()
+    assert f"wrote {project / 'params.yaml'}" in result.stdout
+    shown = run(["python", "-m", "pipeline.params", "--help"], project)
+    assert shown.stdout.startswith("Write `params.yaml`")
 
 
 def test_xla_under_op_determinism_is_refused_before_any_work(tmp_path, data_dir):

@@ -159,6 +159,37 @@ def test_the_curves_and_figures_are_in_mlflow(baseline_and_cnn):
     assert {SHIFT_PNG, FILTERS_PNG, FEATURE_MAPS_PNG} <= figures
 
 
+def test_evaluate_alone_under_new_params_logs_a_run_of_its_own(baseline_and_cnn, data_dir):
+    """As when `dvc repro` reruns evaluate alone after `invariance.*` changed: the training
+    run keeps the params its metrics came from."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import evaluate
+
+    tmp, store, _, _, cnn_cfg, metrics = baseline_and_cnn
+    again = tmp / "cnn-evaluated-again"
+    shutil.copytree(tmp / "cnn", again)
+    cfg = compose(*quick(f"mlflow.tracking_uri={store}", "invariance.max_shift=1"))
+    evaluate.run(cfg, data_dir.parent, again, "dvc repro")
+    client = MlflowClient(store)
+    trained = json.loads((again / cnn_cfg.paths.run).read_text())["run_id"]
+    (evaluation,) = client.search_runs(
+        [client.get_run(trained).info.experiment_id],
+        filter_string=f"tags.`{tracking.EVALUATES_TAG}` = '{trained}'")
+    assert evaluation.info.status == "FINISHED"
+    assert evaluation.data.params["invariance.max_shift"] == "1"
+    assert evaluation.data.tags["pipeline.evaluate_changed"] == (
+        "invariance.baseline_run invariance.max_shift")
+    assert sorted(m.step for m in client.get_metric_history(
+        evaluation.info.run_id, "shift.accuracy")) == [0, 1]
+    assert client.get_run(trained).data.params["invariance.max_shift"] == "2"  # as it was
+    assert sorted(m.step for m in client.get_metric_history(trained, "shift.accuracy")) == \
+        [0, 1, 2]
+    assert evaluation.data.metrics["test_accuracy"] == metrics["test_accuracy"]
+
+
 @pytest.mark.parametrize("override,message", [
     ("data.limit=200", "tested on other data, so the curves do not compare: data.limit 300"),
     ("invariance.max_shift=3", "its shift curve reaches 2 pixels"),

@@ -1,0 +1,88 @@
+"""MLflow runs and their lineage: the dirty flag, deleted experiments, runs that always end."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import tracking
+from pipeline.tracking import TrackingError
+from tests.conftest import env
+
+
+def git(folder: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=folder,
+                   check=True, capture_output=True)
+
+
+def dirty(folder: Path) -> str:
+    return tracking.lineage_tags(folder, folder / "data", "test")["git.dirty"]
+
+
+def test_git_dirty_is_about_the_code_not_the_params_a_run_logs(tmp_path):
+    for name, text in (("params.yaml", "seed: 1\n"), ("dvc.lock", "schema: '2.0'\n"),
+                       ("conf/model/a.yaml", "filters: [8]\n"), (".gitignore", "/outputs/\n")):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "project")
+    (tmp_path / "params.yaml").write_text("seed: 2\n")  # `python -m pipeline.params`, DVC
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "model.keras").write_text("ignored output")
+    assert dirty(tmp_path) == "false"
+    (tmp_path / "conf" / "model" / "b.yaml").write_text("filters: [16]\n")  # not committed yet
+    assert dirty(tmp_path) == "true"
+    (tmp_path / "conf" / "model" / "b.yaml").unlink()
+    (tmp_path / "conf" / "model" / "a.yaml").write_text("filters: [4]\n")
+    assert dirty(tmp_path) == "true"
+    assert tracking.lineage_tags(tmp_path / "conf", tmp_path / "data", "test")[
+        "git.dirty"] == "true"  # from a subfolder, the whole checkout counts
+
+
+def test_a_deleted_experiment_is_named_with_the_command_that_restores_it(tmp_path):
+    import mlflow
+
+    tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = tracking.ensure_experiment("gone")
+    mlflow.delete_experiment(experiment_id)
+    with pytest.raises(TrackingError, match=(
+            rf"^the MLflow experiment 'gone' \(id {experiment_id}\) is deleted; restore it "
+            rf"\(mlflow experiments restore --experiment-id {experiment_id}\) or set "
+            r"mlflow.experiment_name")):
+        tracking.ensure_experiment("gone")
+
+
+SIGTERM_IN_RUN = """
+import os, pathlib, signal, sys
+from pipeline import tracking
+from pipeline.errors import run_cli
+from pipeline.params import composed
+
+def main():
+    cfg = composed([f"mlflow.tracking_uri={sys.argv[1]}"])
+    with tracking.start_run(cfg, pathlib.Path.cwd(), "test", pathlib.Path("data")) as run:
+        pathlib.Path(sys.argv[2]).write_text(run.info.run_id)
+        os.kill(os.getpid(), signal.SIGTERM)  # as when a model is being logged after training
+        signal.pause()
+
+run_cli(main)
+"""
+
+
+def test_sigterm_outside_training_ends_the_run_killed(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = subprocess.run([sys.executable, "-c", SIGTERM_IN_RUN, uri, str(tmp_path / "id")],
+                            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert "interrupted (SIGTERM)" in result.stderr
+    run_id = (tmp_path / "id").read_text()
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+
