@@ -81,8 +81,17 @@ def as_pipeline_error(err: BaseException) -> PipelineError | None:
     return None
 
 
+_interrupts: list[BaseException] = []  # what this process is exiting for, if a signal
+
+
+def exiting_interrupted() -> bool:
+    """True once `exit_interrupted` has begun this process's exit (for `atexit` handlers)."""
+    return bool(_interrupts)
+
+
 def exit_interrupted(err: KeyboardInterrupt) -> NoReturn:
     """One line on stderr; exit with 128 + the signal number (130 for a plain Ctrl-C)."""
+    _interrupts.append(err)
     print(f"interrupted ({err or 'SIGINT'}); a training checkpoint, if any, is kept: run the "
           "same command again to resume", file=sys.stderr, flush=True)
     sys.exit(getattr(err, "exit_code", 130))

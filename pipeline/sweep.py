@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pipeline import tracking
-from pipeline.errors import raise_interrupted
+from pipeline.errors import exiting_interrupted, raise_interrupted
 
 
 def new_sweep_id() -> str:
@@ -38,7 +38,7 @@ class MlflowSweep(Callback):
         self.parent_run_id: str | None = None
         self.sweep_id: str | None = None
         self.experiment_id: str | None = None
-        self.status_at_exit = "FAILED"  # KILLED once a signal came
+        self.status_at_exit = "FAILED"  # KILLED once a signal came between the jobs
         self.previous_handlers: dict[int, Any] = {}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -55,7 +55,8 @@ class MlflowSweep(Callback):
                 {"pipeline.entry_point": "python -m pipeline -m", "sweep.overrides": overrides})
         os.environ[tracking.ENV_SWEEP_ID] = self.sweep_id
         os.environ[tracking.ENV_PARENT_RUN_ID] = self.parent_run_id
-        atexit.register(lambda: self._end_parent(self.status_at_exit))
+        atexit.register(lambda: self._end_parent(
+            "KILLED" if exiting_interrupted() else self.status_at_exit))
         self.previous_handlers = {s: signal.signal(s, self._interrupted)
                                   for s in (signal.SIGTERM, signal.SIGINT)}
         print(f"sweep {self.sweep_id}: MLflow parent run {self.parent_run_id}", flush=True)
@@ -75,7 +76,8 @@ class MlflowSweep(Callback):
         self._end_parent("FINISHED")
 
     def _interrupted(self, signum: int, frame) -> None:
-        """SIGTERM or Ctrl-C: the parent ends KILLED when the process exits."""
+        """SIGTERM or Ctrl-C outside a job's run: the parent ends KILLED when the process
+        exits (within a run, the run's own handling ends the job KILLED and says so)."""
         self.status_at_exit = "KILLED"
         raise_interrupted(signum, frame)
 

@@ -75,6 +75,44 @@ def test_hydra_multirun_is_one_parent_with_children_and_a_report(project):
 
 
 @pytest.mark.slow
+def test_sigterm_during_a_sweep_ends_the_parent_and_the_job_killed(project):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-m", *QUICK, "optimizer=gd,adam"],
+                            cwd=project, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/1"):  # the first job logs its model, outside `fit`
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM
+    runs = mlflow_runs(project)
+    (parent,) = [r for r in runs if r.data.tags.get("sweep.parent") == "true"]
+    (child,) = [r for r in runs if r is not parent]  # the second job never started
+    assert parent.info.status == "KILLED" and child.info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_a_named_sweep_keeps_one_parent_across_multiruns(project):
+    for optimizer in ("gd", "adam"):
+        result = run(["python", "-m", "pipeline", "-m", *QUICK, "mlflow.sweep_id=lr",
+                      f"optimizer={optimizer}"], project)
+    runs = mlflow_runs(project)
+    (parent,) = [r for r in runs if r.data.tags.get("sweep.parent") == "true"]
+    children = [r for r in runs if r is not parent]
+    assert parent.info.status == "FINISHED"
+    assert sorted(c.data.params["optimizer.name"] for c in children) == ["adam", "gd"]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert "sweep lr: 2 runs compared" in result.stdout
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert {"comparison.md", "comparison.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+@pytest.mark.slow
 def test_compare_optimizers_preset_is_a_fair_sweep(project):
     run(["python", "-m", "pipeline", "experiment=compare_optimizers", *QUICK], project)
     children = [r for r in mlflow_runs(project) if "sweep.parent" not in r.data.tags]
