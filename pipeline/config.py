@@ -12,6 +12,7 @@ its value lives once, in the YAML of its option under `conf/` (and so in `params
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,6 +315,12 @@ class MlflowConfig:
     tracking_uri: str | None = MISSING
     experiment_name: str = MISSING
     sweep_id: str | None = MISSING  # groups `dvc exp run`s; null = by their DVC baseline commit
+
+    def __post_init__(self) -> None:
+        # MLflow's search filters quote the id, and sweep folders and tags carry it
+        _require(self.sweep_id is None or re.fullmatch(r"[\w.:-]+", str(self.sweep_id)) is not None,
+                 "mlflow.sweep_id", self.sweep_id,
+                 "must be letters, digits and _ . : - only", "lr-search")
 
 
 @dataclass

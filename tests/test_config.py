@@ -71,6 +71,7 @@ def test_params_yaml_round_trips():
     (["trainer.foo=1"], "unknown config key 'trainer.foo'"),
     (["optimizer=adam", "optimizer.beta_1=1.5"], "optimizer.beta_1=1.5"),
     (["trainer.precision=float8"], "trainer.precision='float8'"),
+    (["mlflow.sweep_id='a/b'"], "mlflow.sweep_id='a/b': must be letters, digits"),
 ])
 def test_bad_overrides_fail_with_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:
