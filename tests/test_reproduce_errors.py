@@ -145,7 +145,7 @@ def test_string_data_fields_come_back_as_logged(key, value):
     assert reproduce.config_from_params(logged(cfg)) == cfg
 
 
-@pytest.mark.parametrize("sweep_id", ["2024-01-01", "12:30", "~", "null"])
+@pytest.mark.parametrize("sweep_id", ["2024-01-01", "12:30", "1e3", "null"])
 def test_optional_string_fields_keep_their_text_and_null_means_none(sweep_id):
     cfg = compose()
     cfg.mlflow = dataclasses.replace(cfg.mlflow,
