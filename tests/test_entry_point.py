@@ -136,13 +136,21 @@ def test_params_yaml_refuses_a_sweep(tmp_path, overrides, message):
     assert not (tmp_path / "params.yaml").exists()
 
 
-def test_params_main_writes_the_projects_params_yaml_from_a_subfolder(project):
-    result = run(["python", "-m", "pipeline.params", "optimizer=rmsprop"], project / "conf")
-    assert yaml.safe_load((project / "params.yaml").read_text())["optimizer"]["name"] == "rmsprop"
-    assert not (project / "conf" / "params.yaml").exists()
-    assert f"wrote {project / 'params.yaml'}" in result.stdout
-    shown = run(["python", "-m", "pipeline.params", "--help"], project)
-    assert shown.stdout.startswith("Write `params.yaml`")
+def test_params_main_writes_the_projects_params_yaml_from_a_subfolder(tmp_path, monkeypatch,
+                                                                      capsys):
+    from pipeline import params
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # a project: dvc.yaml and conf/
+    (tmp_path / "conf").mkdir()
+    monkeypatch.chdir(tmp_path / "conf")
+    monkeypatch.setattr("sys.argv", ["pipeline.params", "optimizer=rmsprop"])
+    params.main()
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["optimizer"]["name"] == "rmsprop"
+    assert not (tmp_path / "conf" / "params.yaml").exists()
+    assert f"wrote {tmp_path / 'params.yaml'}" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["pipeline.params", "--help"])
+    params.main()
+    assert capsys.readouterr().out.startswith("Write `params.yaml`")
 
 
 def test_xla_under_op_determinism_is_refused_before_any_work(tmp_path, data_dir):
