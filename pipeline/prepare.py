@@ -46,9 +46,6 @@ def prepare(data: Dataset, limit: int | None, val_fraction: float, seed: int) ->
         "test": (data.x_test[test_idx], data.y_test[test_idx]),
     }
     check_splits(splits, data.class_names, limit, val_fraction)
-    if splits["train"][0].min() == splits["train"][0].max():
-        raise DataError(f"every training pixel has the value {splits['train'][0].flat[0]}: "
-                        "the images carry nothing to learn; check the data source")
     x_train = splits["train"][0].astype(np.float64) / 255.0
     num_classes = len(data.class_names)
     counts = np.bincount(splits["train"][1], minlength=num_classes)
@@ -69,8 +66,9 @@ def prepare(data: Dataset, limit: int | None, val_fraction: float, seed: int) ->
 
 def check_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str],
                  limit: int | None, val_fraction: float) -> None:
-    """Refuse splits that training or evaluation cannot use: an empty split, or a class
-    missing from the training or test split (a model cannot learn it, nor be scored on it).
+    """Refuse splits that training or evaluation cannot use: an empty split, a class missing
+    from the training or test split (a model cannot learn it, nor be scored on it), or
+    training images that all have one value.
 
     Raises:
         DataError: naming the split, the counts and the settings to change.
@@ -89,6 +87,10 @@ def check_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: 
                             f"{', '.join(map(repr, missing))} ({sizes}; {settings}); add "
                             "images of each class, raise data.limit (or data.test_fraction), "
                             "or fix the labels")
+    x_train = splits["train"][0]
+    if x_train.min() == x_train.max():
+        raise DataError(f"every training pixel has the value {x_train.flat[0]}: the images "
+                        "carry nothing to learn; check the data source")
 
 
 def write_prepared(prepared: Prepared, out_dir: Path) -> None:

@@ -386,8 +386,8 @@ def evaluation_run(cfg: Config, root: Path, trained_run_id: str, entry_point: st
     every run's params describe its metrics."""
     from mlflow.tracking import MlflowClient
 
-    _connect(cfg, root)
-    logged = MlflowClient().get_run(trained_run_id).data.params
+    uri = tracking_uri(cfg.mlflow.tracking_uri, project_root(root))  # the runs below connect
+    logged = MlflowClient(uri).get_run(trained_run_id).data.params
     changed = sorted(key for key, value in config_params(cfg).items()
                      if logged.get(key) != str(value))
     if not changed:
