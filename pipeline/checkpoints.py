@@ -3,8 +3,8 @@
 A training's checkpoint lives in `.checkpoints/<fingerprint>/` at the project root, outside
 DVC's outputs (which DVC deletes before a stage runs) and outside Hydra's per-run folders. The
 fingerprint covers everything the training depends on (config, the built model, the prepared
-data), so the same command after a `kill -9` resumes from the last completed epoch (weights,
-optimizer state, epoch counter: Keras's BackupAndRestore) while any change starts afresh.
+data), so the same command after a `kill -9` resumes from the last completed epoch, and ends
+with the weights an uninterrupted run ends with, while any change starts afresh.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ import keras
 
 from pipeline.config import Config, to_dict
 from pipeline.errors import Interrupted, TrainingError
-from pipeline.files import read_json, write_json
+from pipeline.files import atomic_dir, read_arrays, read_json, write_arrays, write_json
 from pipeline.metric_names import LOSS
 
 CHECKPOINTS_DIR = ".checkpoints"
 TRAINING_KEYS = ("seed", "data", "model", "augment", "optimizer", "trainer")
+WEIGHTS_FILE = "state.weights.h5"
+RANDOM_STATES_FILE = "random_states.npz"
+HISTORY_JSON = "history.json"
 
 
 class TrainingInterrupted(Interrupted):
@@ -47,19 +50,31 @@ def fingerprint(cfg: Config, model: keras.Model, *inputs: Path) -> str:
 
 
 class Checkpoint:
-    """The checkpoint folder of one training: Keras's backup, the epochs so far, the run id."""
+    """The checkpoint folder of one training: the state after each completed epoch, the run id.
+
+    An epoch's state is everything the rest of the training depends on: the weights (BatchNorm
+    statistics included), the optimizer's variables (its step, and with it the learning-rate
+    schedule), the random states of the layers that draw (dropout, augmentation), and the
+    per-epoch history. Keras's `BackupAndRestore` keeps the first two only, so a resumed run
+    drew the first epoch's dropout masks again. The data order is no state: `pipeline.stream`
+    derives it from the seed and the epoch. Each epoch is written whole into a folder of its
+    own before `latest.json` names it, so a kill at any moment leaves the last complete one.
+    """
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.backup_dir = self.folder / "backup"
-        self._history = self.folder / "history.json"
+        self._latest = self.folder / "latest.json"
         self._run = self.folder / "mlflow_run.json"
 
-    def completed_epochs(self) -> list[dict[str, float]]:
-        return read_json(self._history) if self._history.is_file() else []
+    def _epoch_dir(self) -> Path | None:
+        if not self._latest.is_file():
+            return None
+        folder = self.folder / read_json(self._latest)["folder"]
+        return folder if folder.is_dir() else None
 
-    def save_epochs(self, rows: list[dict[str, float]]) -> None:
-        write_json(self._history, rows)
+    def completed_epochs(self) -> list[dict[str, float]]:
+        folder = self._epoch_dir()
+        return read_json(folder / HISTORY_JSON) if folder else []
 
     def previous_run_id(self) -> str | None:
         return read_json(self._run)["run_id"] if self._run.is_file() else None
@@ -67,13 +82,47 @@ class Checkpoint:
     def save_run_id(self, run_id: str) -> None:
         write_json(self._run, {"run_id": run_id})
 
-    def callback(self) -> keras.callbacks.Callback:
-        # kept on train end: a clean stop (SIGTERM) must leave it for the resume
-        return keras.callbacks.BackupAndRestore(str(self.backup_dir), save_freq="epoch",
-                                                delete_checkpoint=False)
+    def save(self, model: keras.Model, rows: list[dict[str, float]]) -> None:
+        """Write the state after epoch `len(rows)`, then make it the one to resume from."""
+        name = f"epoch-{len(rows)}"
+        with atomic_dir(self.folder / name) as tmp:
+            model.save_weights(tmp / WEIGHTS_FILE)  # the model's and the optimizer's variables
+            write_arrays(tmp / RANDOM_STATES_FILE, **{
+                f"{i:04d}": keras.ops.convert_to_numpy(v)
+                for i, v in enumerate(random_states(model))})
+            write_json(tmp / HISTORY_JSON, rows)
+        write_json(self._latest, {"folder": name})
+        for old in self.folder.glob("epoch-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self, model: keras.Model) -> int:
+        """Load the last saved state into the compiled `model`; return its epoch (0: none)."""
+        folder = self._epoch_dir()
+        if folder is None:
+            return 0
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(folder / WEIGHTS_FILE)
+        saved = read_arrays(folder / RANDOM_STATES_FILE)
+        states = random_states(model)
+        if len(saved) != len(states):
+            raise TrainingError(f"the checkpoint in {folder} holds {len(saved)} random states "
+                                f"and the model has {len(states)}; delete {self.folder} to "
+                                "train from the start")
+        for variable, key in zip(states, sorted(saved)):
+            variable.assign(saved[key])
+        return len(read_json(folder / HISTORY_JSON))
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def random_states(model: keras.Model) -> list:
+    """The states of the model's seed generators (dropout masks, augmentation draws), which
+    `save_weights` leaves out, in the model's own order. Keras names each such variable
+    `seed_generator_state`; the rest of `model.variables` is weights and metric totals."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
 class LossGuard(keras.callbacks.Callback):

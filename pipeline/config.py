@@ -266,7 +266,7 @@ OPTIMIZERS: dict[str, type[OptimizerConfig]] = {
     "adam": AdamConfig,
     "adamw": AdamWConfig,
 }
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 JIT_COMPILE = ("auto", True, False)
 DISTRIBUTE = ("none", "mirrored", "multi_worker")
 
@@ -280,6 +280,7 @@ class TrainerConfig:
     class_weight: str = MISSING  # none | balanced: weight classes by inverse frequency
     jit_compile: Any = MISSING  # auto | true | false; auto: Keras's rule (README, "XLA")
     distribute: str = MISSING  # none | mirrored (GPUs of one machine) | multi_worker (machines)
+    precise_bn: bool = MISSING  # BatchNorm statistics recomputed over the training data at the end
 
     def __post_init__(self) -> None:
         _require(self.jit_compile in JIT_COMPILE, "trainer.jit_compile", self.jit_compile,

@@ -17,8 +17,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline import anatomy, backend, invariance, tracking
+from pipeline import anatomy, backend, diagnostics, invariance, tracking
 from pipeline.config import Config, flatten, load_params
+from pipeline.diagnostics import class_probabilities, predict_labels
 from pipeline.errors import run_cli
 from pipeline.figures import (
     plot_confusion_matrix,
@@ -30,7 +31,14 @@ from pipeline.figures import (
     save_figure,
 )
 from pipeline.files import read_json, write_json, write_text
-from pipeline.metric_names import TEST_ACCURACY, TEST_LOSS
+from pipeline.metric_names import (
+    ACCURACY,
+    TEST_ACCURACY,
+    TEST_ACCURACY_CI_HIGH,
+    TEST_ACCURACY_CI_LOW,
+    TEST_EXAMPLES,
+    TEST_LOSS,
+)
 from pipeline.prepare import read_meta, read_split
 
 CONFUSION_PNG = "confusion_matrix.png"
@@ -68,13 +76,6 @@ def per_class_scores(matrix: np.ndarray, class_names: list[str]) -> dict[str, di
             for name, p, r, f, n in zip(class_names, precision, recall, f1, actual)}
 
 
-def class_probabilities(outputs: np.ndarray) -> np.ndarray:
-    """(n, classes) probabilities; one sigmoid unit p becomes the columns (1 - p, p)."""
-    if outputs.shape[1] == 1:
-        return np.concatenate([1.0 - outputs, outputs], axis=1)
-    return outputs
-
-
 def roc_curve(positive: np.ndarray, scores: np.ndarray):
     """(false positive rate, true positive rate, thresholds), one point per distinct score."""
     order = np.argsort(-scores, kind="stable")
@@ -105,12 +106,6 @@ def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum(np.diff(recall) * precision[1:]))
 
 
-def predict_labels(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """The predicted class of each image, as `evaluate` scores it."""
-    outputs = model.predict(x, batch_size=batch_size, verbose=0)
-    return class_probabilities(outputs).argmax(axis=1)
-
-
 def curve_scores(y: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(is positive, score) pairs: the positive class (index 1) for two classes, else
     one-vs-rest over every class (micro average)."""
@@ -124,9 +119,9 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, class_names: list
              batch_size: int) -> tuple[dict, np.ndarray, np.ndarray, dict]:
     """Return (metrics, confusion matrix, predicted labels, curves) of `model` on (x, y).
 
-    With two classes, precision, recall and F1 are the positive class's (index 1) and the
-    ROC and precision-recall curves score it; with more, the curves are micro-averaged
-    one-vs-rest.
+    The metrics hold the accuracy's 95% interval and the number of examples. With two
+    classes, precision, recall and F1 are the positive class's (index 1) and the ROC and
+    precision-recall curves score it; with more, the curves are micro-averaged one-vs-rest.
     """
     probabilities = class_probabilities(model.predict(x, batch_size=batch_size, verbose=0))
     predicted = probabilities.argmax(axis=1)
@@ -140,6 +135,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, class_names: list
     metrics = {
         TEST_LOSS: float(keras.ops.convert_to_numpy(loss)),
         TEST_ACCURACY: float(np.mean(predicted == y)),
+        **diagnostics.interval_metrics("test", int(np.sum(predicted == y)), len(y)),
         "macro_precision": float(np.mean([s["precision"] for s in scores.values()])),
         "macro_recall": float(np.mean([s["recall"] for s in scores.values()])),
         "macro_f1": float(np.mean([s["f1"] for s in scores.values()])),
@@ -238,8 +234,8 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str) -> dict:
                    confusion_csv(y_test, predicted, meta["class_names"]))
         figures = out_root / cfg.paths.figures
         save_figure(plot_confusion_matrix(matrix, meta["class_names"]), figures / CONFUSION_PNG)
-        save_figure(plot_learning_curves(read_history(out_root / cfg.paths.history)),
-                    figures / CURVES_PNG)
+        history = read_history(out_root / cfg.paths.history)
+        save_figure(plot_learning_curves(history), figures / CURVES_PNG)
         for name, path in (("roc", cfg.paths.roc),
                            ("precision_recall", cfg.paths.precision_recall)):
             write_text(out_root / path, curve_csv(curves[name]))
@@ -251,15 +247,22 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str) -> dict:
             shift_curves[f"{baseline[0]} (baseline)"] = baseline[1]
         save_figure(plot_shift_curves(shift_curves), figures / SHIFT_PNG)
         draw_first_layer(model, x_test, y_test, meta["class_names"], figures)
-        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         log_shift_curve(mlflow, shift)
         mlflow.log_metrics(flatten({"shift": metrics["shift"]}))
         mlflow.log_metrics({tracking.metric_key(f"test_f1.{name}"): s["f1"]
                             for name, s in metrics["per_class"].items()})
         mlflow.log_artifacts(str(figures), artifact_path="figures")
         mlflow.log_artifact(str(out_root / cfg.paths.metrics))
+        warning = diagnostics.collapse_warning(
+            predicted=predicted, actual=y_test, split="test", class_names=meta["class_names"],
+            train_accuracy=history[-1][ACCURACY] if history else float("nan"), history=history)
+        if warning:
+            tracking.set_warning(warning)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri, tracking.project_root(root))
     print_summary(cfg, out_root, metrics, run_id, uri)
+    if warning:
+        print(warning, flush=True)
     return metrics
 
 
@@ -279,8 +282,10 @@ def print_summary(cfg: Config, out_root: Path, metrics: dict, run_id: str, uri: 
         full = out_root / path
         return str(full.relative_to(Path.cwd())) if full.is_relative_to(Path.cwd()) else str(full)
 
-    print(f"\ntest accuracy {metrics[TEST_ACCURACY]:.4f}  (test loss {metrics[TEST_LOSS]:.4f}, "
-          f"macro F1 {metrics['macro_f1']:.4f})\n"
+    interval = diagnostics.interval_text(metrics[TEST_ACCURACY_CI_LOW],
+                                         metrics[TEST_ACCURACY_CI_HIGH], metrics[TEST_EXAMPLES])
+    print(f"\ntest accuracy {metrics[TEST_ACCURACY]:.4f} {interval}, "
+          f"test loss {metrics[TEST_LOSS]:.4f}, macro F1 {metrics['macro_f1']:.4f}\n"
           f"  {shift_line(metrics['shift'], cfg.invariance.max_shift)}\n"
           f"  model    {show(cfg.paths.model)}\n"
           f"  metrics  {show(cfg.paths.metrics)}\n"

@@ -5,6 +5,14 @@ the benchmarks) import them from here."""
 
 TEST_ACCURACY = "test_accuracy"
 TEST_LOSS = "test_loss"
+# The Wilson 95% interval of the accuracy and the number of examples it was measured on: the
+# test split's from `evaluate`, the validation split's at the end of `train`.
+TEST_ACCURACY_CI_LOW = "test_accuracy_ci_low"
+TEST_ACCURACY_CI_HIGH = "test_accuracy_ci_high"
+TEST_EXAMPLES = "test_examples"
+VAL_ACCURACY_CI_LOW = "val_accuracy_ci_low"
+VAL_ACCURACY_CI_HIGH = "val_accuracy_ci_high"
+VAL_EXAMPLES = "val_examples"
 
 # Per epoch: Keras's names for the training and validation metrics, plus what `train` adds.
 LOSS = "loss"

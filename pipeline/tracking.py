@@ -405,6 +405,16 @@ def evaluation_run(cfg: Config, root: Path, trained_run_id: str, entry_point: st
         yield run
 
 
+WARNING_TAG = "pipeline.warning"  # a run that looks broken: what happened and what to try
+
+
+def set_warning(line: str) -> None:
+    """Tag the active run with the warning line a stage printed."""
+    import mlflow
+
+    mlflow.set_tag(WARNING_TAG, line)
+
+
 def link_resumed_run(previous: str, current: str) -> None:
     """Tag both runs with each other; end the interrupted one KILLED if it is still RUNNING
     (its process was killed before it could end it)."""

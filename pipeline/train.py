@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from pipeline import backend, distribute, tracking
+from pipeline import backend, diagnostics, distribute, tracking
 from pipeline.build import MODEL_FILE, REPORT_JSON, REPORT_MD
 from pipeline.checkpoints import (
     CHECKPOINTS_DIR,
@@ -28,6 +28,7 @@ from pipeline.checkpoints import (
     fingerprint,
     stop_cleanly_on_signals,
 )
+from pipeline.diagnostics import predict_labels
 from pipeline.config import (
     AdamConfig,
     AdamWConfig,
@@ -49,11 +50,15 @@ from pipeline.metric_names import (
     VAL_LOSS,
 )
 from pipeline.prepare import META_FILE, read_meta, read_split
+from pipeline.stream import EpochBatches, epoch_order
 
 BACKEND_PACKAGES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 # The lecture's cost J: cross-entropy averaged over the batch, for a softmax over the classes
 # or for one sigmoid unit (a two-class detector).
 COST_J = {"softmax": "sparse_categorical_crossentropy", "sigmoid": "binary_crossentropy"}
+# Training images the BatchNorm statistics are recomputed over after training: 64 batches of
+# 128, where the average of the batch statistics has settled to a few parts in a thousand.
+PRECISE_BN_IMAGES = 8192
 
 
 def make_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int):
@@ -89,15 +94,17 @@ def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
 
 
 class EpochLog(keras.callbacks.Callback):
-    """Adds the learning rate to the epoch logs, prints one line per epoch,
-    and hands the metrics to `log_metrics(metrics, step)` (MLflow) when given."""
+    """Adds the learning rate to the epoch logs, saves the checkpoint when given, then hands
+    the metrics to `log_metrics(metrics, step)` (MLflow) when given and prints one line per
+    epoch: a run killed after an epoch's line resumes after that epoch."""
 
-    def __init__(self, epochs: int, log_metrics=None, rows=None, on_rows=None):
+    def __init__(self, epochs: int, log_metrics=None, checkpoint: Checkpoint | None = None):
         super().__init__()
         self.epochs = epochs
         self.log_metrics = log_metrics
-        self.rows: list[dict[str, float]] = list(rows or [])  # epochs completed before a resume
-        self.on_rows = on_rows  # called with all rows after each epoch (the checkpoint)
+        self.checkpoint = checkpoint
+        # epochs completed before a resume
+        self.rows: list[dict[str, float]] = checkpoint.completed_epochs() if checkpoint else []
         self._start = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -108,8 +115,8 @@ class EpochLog(keras.callbacks.Callback):
         logs[LEARNING_RATE] = current_learning_rate(self.model.optimizer)
         row = {"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_FIELDS[1:] if k in logs}}
         self.rows.append(row)
-        if self.on_rows:
-            self.on_rows(self.rows)
+        if self.checkpoint:
+            self.checkpoint.save(self.model, self.rows)
         seconds = time.perf_counter() - self._start
         if self.log_metrics:  # MLflow: the epoch's metrics and its wall time
             self.log_metrics({**{k: v for k, v in row.items() if k != "epoch"},
@@ -142,13 +149,16 @@ def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
 
 def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
           val_data: tuple[np.ndarray, np.ndarray], optimizer_cfg: OptimizerConfig,
-          epochs: int, batch_size: int, log_metrics=None,
+          epochs: int, batch_size: int, seed: int = 0, log_metrics=None,
           class_weight: dict[int, float] | None = None,
           checkpoint: Checkpoint | None = None,
-          jit_compile: bool | str = "auto") -> list[dict[str, float]]:
+          jit_compile: bool | str = "auto", precise_bn: bool = False) -> list[dict[str, float]]:
     """Compile `model` with the configured optimizer and fit it; return the per-epoch rows.
 
-    With a checkpoint, training resumes from its last completed epoch and saves each epoch;
+    Each epoch sees the training data in the order `pipeline.stream` derives from `seed` and
+    the epoch. With `precise_bn`, the BatchNorm statistics are then recomputed over the
+    training data (`recompute_batchnorm_statistics`). With a checkpoint, training resumes
+    from its last completed epoch with everything the rest depends on, and saves each epoch;
     SIGTERM or Ctrl-C stop it after the current step (TrainingInterrupted).
 
     Raises:
@@ -157,16 +167,58 @@ def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
     """
     steps_per_epoch = math.ceil(len(train_data[0]) / batch_size)
     compile_model(model, make_optimizer(optimizer_cfg, steps_per_epoch, epochs), jit_compile)
-    callbacks: list[keras.callbacks.Callback] = [LossGuard()]
-    if checkpoint:
-        callbacks.append(checkpoint.callback())
-    log = EpochLog(epochs, log_metrics, rows=checkpoint.completed_epochs() if checkpoint else [],
-                   on_rows=checkpoint.save_epochs if checkpoint else None)
-    with stop_cleanly_on_signals(model) as stop_on_signal:
-        model.fit(*train_data, validation_data=val_data, epochs=epochs, batch_size=batch_size,
-                  shuffle=True, callbacks=[*callbacks, log, stop_on_signal], verbose=0,
-                  class_weight=class_weight)
+    done = checkpoint.restore(model) if checkpoint else 0
+    log = EpochLog(epochs, log_metrics, checkpoint)
+    batches = EpochBatches(*train_data, batch_size, seed, first_epoch=done,
+                           class_weight=class_weight)
+    if done < epochs:
+        with stop_cleanly_on_signals(model) as stop_on_signal:
+            model.fit(batches, steps_per_epoch=steps_per_epoch, shuffle=False,
+                      validation_data=val_data, validation_batch_size=batch_size,
+                      initial_epoch=done, epochs=epochs,
+                      callbacks=[LossGuard(), log, stop_on_signal], verbose=0)
+    if precise_bn:
+        recompute_batchnorm_statistics(model, train_data[0], batch_size, seed, epochs)
     return log.rows
+
+
+def batchnorm_layers(layer: keras.layers.Layer) -> list[keras.layers.BatchNormalization]:
+    """The BatchNormalization layers that train, in `layer` and the models nested in it."""
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return [layer] if layer.trainable else []
+    return [bn for inner in getattr(layer, "layers", []) for bn in batchnorm_layers(inner)]
+
+
+def recompute_batchnorm_statistics(model: keras.Model, x: np.ndarray, batch_size: int,
+                                   seed: int, epoch: int,
+                                   images: int = PRECISE_BN_IMAGES) -> int:
+    """Set each BatchNorm layer's moving mean and variance to the average of its batch
+    statistics over up to `images` training images ("precise BN"); return the batches used.
+
+    During training each layer normalises with the statistics of its batch, and keeps for
+    inference a moving average that forgets at Keras's momentum of 0.99 per step: after a few
+    hundred steps (a few hundred images, small batches) that average still holds much of its
+    start (mean 0, variance 1) and of the first, untrained steps, and the saved model predicts
+    nearly one class. Here the trained model runs forward in training mode over batches of
+    the training size, in the order of the epoch after the last, each batch's statistics
+    weighted 1/k by a momentum of (k - 1)/k. No weight other than those statistics changes.
+    """
+    layers = batchnorm_layers(model)
+    if not layers:
+        return 0
+    count = min(len(x), images)
+    batches = max(1, count // batch_size)
+    chosen = epoch_order(len(x), seed, epoch)[:batches * batch_size]
+    momentum = [layer.momentum for layer in layers]
+    try:
+        for k in range(batches):
+            for layer in layers:
+                layer.momentum = k / (k + 1)
+            model(x[np.sort(chosen[k * batch_size:(k + 1) * batch_size])], training=True)
+    finally:
+        for layer, m in zip(layers, momentum):
+            layer.momentum = m
+    return batches
 
 
 def history_csv(rows: list[dict[str, float]]) -> str:
@@ -236,8 +288,9 @@ def train_replica(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
                      distribute.shard(val_data, replicas.process_id, replicas.processes),
                      distribute.scaled_optimizer(cfg.optimizer, replicas.count),
                      cfg.trainer.epochs, replicas.process_batch(cfg.trainer.batch_size),
-                     log_metrics=log_metrics, class_weight=weights, checkpoint=checkpoint,
-                     jit_compile=cfg.trainer.jit_compile)
+                     seed=cfg.seed, log_metrics=log_metrics, class_weight=weights,
+                     checkpoint=checkpoint, jit_compile=cfg.trainer.jit_compile,
+                     precise_bn=cfg.trainer.precise_bn)
     if replicas.processes > 1:
         print(f"train: process {replicas.process_id} of {replicas.processes} done, weights "
               f"digest {distribute.weights_digest(model)}", flush=True)
@@ -263,7 +316,8 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
     print(f"train: {cfg.model.name} with {cfg.optimizer.name} "
           f"({replicas.describe_learning_rate(cfg.optimizer.learning_rate)}), "
           f"{cfg.trainer.epochs} epochs, {replicas.describe_batch(cfg.trainer.batch_size)}, "
-          f"{len(train_data[1])} images, on {backend.describe_devices()}"
+          f"{len(train_data[1])} images, "
+          f"{backend.resolve_precision(cfg.trainer.precision)}, on {backend.describe_devices()}"
           f"{replicas.describe_replicas()}", flush=True)
     data_path = tracking.data_location(cfg, root)
     folder = fingerprint(cfg, model, prepared / META_FILE)
@@ -286,12 +340,20 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
         mlflow.set_tags(replicas.tags(cfg.trainer.batch_size, cfg.optimizer.learning_rate))
         rows = train_replica(model, train_data, val_data, cfg, replicas, checkpoint,
                              log_metrics=mlflow.log_metrics)
+        labels = labels_of(read_meta(prepared))
+        line, warning, interval = diagnostics.validation_report(
+            val_data[1], predict_labels(model, val_data[0], cfg.trainer.batch_size),
+            rows[-1][ACCURACY], rows, labels["class_names"])
+        print(line, flush=True)
+        mlflow.log_metrics(interval)
+        if warning:
+            print(warning, flush=True)
+            tracking.set_warning(warning)
         with atomic_path(out_root / cfg.paths.model) as tmp:
             model.save(tmp)
         if replicas.count > 1:  # what MLflow logs and predicts with: the saved model, one device
             model = keras.models.load_model(out_root / cfg.paths.model)
         write_text(out_root / cfg.paths.history, history_csv(rows))
-        labels = labels_of(read_meta(prepared))
         write_json(out_root / cfg.paths.labels, labels)
         log_model(model, train_data[0][:2], labels)
         run_id = active.info.run_id

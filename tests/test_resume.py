@@ -1,0 +1,189 @@
+"""Exact resume: a training interrupted after any completed epoch and resumed ends with the
+weights and the per-epoch history of the training that was never interrupted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import backend, distribute
+from pipeline.checkpoints import Checkpoint, random_states
+from pipeline.data import fashion_mnist
+from pipeline.models import build_model
+from pipeline.params import composed
+from pipeline.stream import EpochBatches, epoch_order
+from pipeline.train import make_optimizer, recompute_batchnorm_statistics, train
+from tests.conftest import env, mlflow_runs, run
+
+EPOCHS = 3
+# Every layer that draws (dropout, augmentation) and BatchNorm, with a cosine schedule: what a
+# resume has to carry over.
+MODEL = dict(filters=(8, 16), batch_norm=True, dropout=0.25, dense_units=(32,),
+             augment={"flip": "horizontal", "translate": 0.1})
+
+
+class Killed(Exception):
+    """Stands in for kill -9 after an epoch's checkpoint: nothing after it runs."""
+
+
+class KillAfter(keras.callbacks.Callback):
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise Killed
+
+
+@pytest.fixture(scope="module")
+def subset(data_dir):
+    data = fashion_mnist.load(data_dir, verify_md5=False)
+    return data.x_train[:512], data.y_train[:512]
+
+
+def fresh_model(seed: int = 7) -> keras.Model:
+    """The built model as a new process sees it: generators seeded anew."""
+    backend.configure(seed, deterministic=True)
+    return build_model((28, 28, 1), 10, **MODEL)
+
+
+def train_once(subset, checkpoint=None, kill_after=None):
+    model = fresh_model()
+    if kill_after:
+        fit = model.fit
+        model.fit = lambda *a, callbacks=(), **k: fit(
+            *a, callbacks=[*callbacks, KillAfter(kill_after)], **k)
+    x, y = subset
+    rows = train(model, (x[:448], y[:448]), (x[448:], y[448:]), composed([]).optimizer,
+                 epochs=EPOCHS, batch_size=64, seed=7, checkpoint=checkpoint, precise_bn=True)
+    return model, rows
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(subset):
+    model, rows = train_once(subset)
+    return distribute.weights_digest(model), rows
+
+
+@pytest.mark.parametrize("kill_after", [1, 2])
+def test_resume_after_any_epoch_ends_bit_identical(subset, uninterrupted, tmp_path, kill_after):
+    checkpoint = Checkpoint(tmp_path / "checkpoint")
+    with pytest.raises(Killed):
+        train_once(subset, checkpoint, kill_after)
+    assert len(checkpoint.completed_epochs()) == kill_after
+    model, rows = train_once(subset, checkpoint)
+    assert rows == uninterrupted[1]  # the same loss, accuracy, validation, lr: every digit
+    assert distribute.weights_digest(model) == uninterrupted[0]
+
+
+def test_checkpoint_holds_the_dropout_and_augmentation_random_states(subset, tmp_path):
+    checkpoint = Checkpoint(tmp_path / "checkpoint")
+    with pytest.raises(Killed):
+        train_once(subset, checkpoint, kill_after=1)
+    model = fresh_model()
+    model.compile(optimizer=make_optimizer(composed([]).optimizer, 7, EPOCHS),
+                  loss="sparse_categorical_crossentropy")
+    before = [keras.ops.convert_to_numpy(v).copy() for v in random_states(model)]
+    assert len(before) == 5  # three dropout layers, the flip and the translation
+    assert checkpoint.restore(model) == 1
+    after = [keras.ops.convert_to_numpy(v) for v in random_states(model)]
+    assert not any(np.array_equal(a, b) for a, b in zip(after, before))  # moved on by epoch 1
+
+
+def test_each_epoch_order_is_a_function_of_seed_and_epoch():
+    first = epoch_order(100, seed=3, epoch=0)
+    assert sorted(first) == list(range(100))
+    assert np.array_equal(first, epoch_order(100, seed=3, epoch=0))
+    assert not np.array_equal(first, epoch_order(100, seed=3, epoch=1))
+    assert not np.array_equal(first, epoch_order(100, seed=4, epoch=0))
+    x, y = np.arange(10)[:, None], np.arange(10)
+    stream = EpochBatches(x, y, batch_size=4, seed=3)
+    resumed = EpochBatches(x, y, batch_size=4, seed=3, first_epoch=1)
+    assert stream.steps == 3 and len(stream[2][1]) == 2  # the remainder, as Keras batches
+    assert all(np.array_equal(stream[3 + i][1], resumed[i][1]) for i in range(3))
+    assert sorted(np.concatenate([stream[i][1] for i in range(3)])) == list(range(10))
+
+
+def test_precise_batchnorm_statistics_are_those_of_the_training_data(subset):
+    backend.configure(0, deterministic=True)
+    model = build_model((28, 28, 1), 10, filters=(8,), batch_norm=True)
+    x = subset[0][:256]
+    recompute_batchnorm_statistics(model, x, batch_size=64, seed=0, epoch=0)
+    bn = model.get_layer("block1_bn1")
+    features = keras.Model(model.inputs[0], model.get_layer("block1_conv1").output)
+    # a fresh model standardises with mean 0 / std 1: the statistics of the raw conv outputs
+    outputs = np.concatenate([keras.ops.convert_to_numpy(features(x[i:i + 64]))
+                              for i in range(0, 256, 64)])
+    mean = outputs.reshape(-1, outputs.shape[-1]).mean(axis=0)
+    batch_vars = [outputs[i:i + 64].reshape(-1, outputs.shape[-1]).var(axis=0)
+                  for i in range(0, 256, 64)]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), mean, rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_variance),
+                               np.mean(batch_vars, axis=0), rtol=1e-3)
+    assert bn.momentum == 0.99  # put back
+
+
+def test_precision_auto_picks_bfloat16_only_where_it_pays():
+    assert backend.resolve_precision("auto", flags={"avx2", "fma"}, gpu=False) == "float32"
+    assert backend.resolve_precision("auto", flags={"avx512_bf16"}, gpu=False) == \
+        "mixed_bfloat16"
+    assert backend.resolve_precision("auto", flags={"amx_bf16"}, gpu=False) == "mixed_bfloat16"
+    assert backend.resolve_precision("auto", flags=set(), gpu=True) == "mixed_bfloat16"
+    assert backend.resolve_precision("float32", flags={"amx_bf16"}, gpu=True) == "float32"
+    for preset in ("fast", "best"):
+        assert composed([f"experiment={preset}"]).trainer.precision == "auto"
+
+
+# --- through the real command, with real signals --------------------------------------------
+
+ARGS = ["data.limit=1500", "trainer.epochs=3", "model=small_cnn", "trainer.batch_size=32",
+        "model.dropout=0.25", "augment=light"]
+
+
+def start(project, *args):
+    return subprocess.Popen(["python", "-m", "pipeline", *args], cwd=project, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for_line(proc, text):
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"{text!r} never printed:\n{''.join(seen)}\n{proc.stderr.read()}")
+
+
+def final_state(project):
+    """(weights digest of the saved model, history.csv) of the newest run folder."""
+    (model_file,) = sorted((project / "runs").rglob("outputs/train/model.keras"),
+                           key=os.path.getmtime)[-1:]
+    history = model_file.parent / "history.csv"
+    return (distribute.weights_digest(keras.models.load_model(model_file)),
+            history.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(project, how):
+    run(["python", "-m", "pipeline", *ARGS], project)
+    expected = final_state(project)
+    for path in (project / "runs").iterdir():
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+    proc = start(project, *ARGS)
+    wait_for_line(proc, "epoch 2/3")
+    os.killpg(proc.pid, how)
+    proc.communicate(timeout=300)
+    result = run(["python", "-m", "pipeline", *ARGS], project)
+    assert "resuming after epoch 2" in result.stdout
+    assert final_state(project) == expected
+    states = sorted(r.info.status for r in mlflow_runs(project))
+    assert states == ["FINISHED", "FINISHED", "KILLED"]
