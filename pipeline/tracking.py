@@ -408,6 +408,13 @@ def evaluation_run(cfg: Config, root: Path, trained_run_id: str, entry_point: st
 WARNING_TAG = "pipeline.warning"  # a run that looks broken: what happened and what to try
 
 
+def set_tags(tags: dict[str, str]) -> None:
+    """Tag the active run."""
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
 def set_warning(line: str) -> None:
     """Tag the active run with the warning line a stage printed."""
     import mlflow

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -18,7 +19,7 @@ from pipeline.models import build_model
 from pipeline.params import composed
 from pipeline.stream import EpochBatches, epoch_order
 from pipeline.train import make_optimizer, recompute_batchnorm_statistics, train
-from tests.conftest import env, mlflow_runs, run
+from tests.conftest import REPO, env, mlflow_runs, run
 
 EPOCHS = 3
 # Every layer that draws (dropout, augmentation) and BatchNorm, with a cosine schedule: what a
@@ -187,3 +188,77 @@ def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(project, how):
     assert final_state(project) == expected
     states = sorted(r.info.status for r in mlflow_runs(project))
     assert states == ["FINISHED", "FINISHED", "KILLED"]
+    resumed = next(r for r in mlflow_runs(project) if "pipeline.resumed_from" in r.data.tags)
+    assert resumed.data.tags["pipeline.resumed_exact"] == "true"
+
+
+@pytest.mark.slow
+def test_a_resume_without_op_determinism_says_it_is_not_exact(project):
+    args = [*ARGS[:1], "trainer.epochs=2", *ARGS[2:], "trainer.deterministic=false"]
+    proc = start(project, *args)
+    wait_for_line(proc, "epoch 1/2")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=300)
+    result = run(["python", "-m", "pipeline", *args], project)
+    assert "train: this resume is not exact" in result.stdout
+    resumed = next(r for r in mlflow_runs(project) if "pipeline.resumed_from" in r.data.tags)
+    assert resumed.data.tags["pipeline.resumed_exact"] == "false"
+
+
+SWEEP = ["-m", "data.limit=1000", "trainer.epochs=2", "model=small_cnn", "trainer.batch_size=32",
+         "optimizer=adam", "seed=5"]
+
+
+@pytest.mark.slow
+def test_a_sweep_job_killed_and_resumed_ends_as_the_uninterrupted_one(project):
+    run(["python", "-m", "pipeline", *SWEEP], project)
+    expected = final_state(project)
+    subprocess.run(["rm", "-rf", str(project / "runs")], check=True)
+    proc = start(project, *SWEEP)
+    wait_for_line(proc, "epoch 1/2")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=300)
+    result = run(["python", "-m", "pipeline", *SWEEP], project)
+    assert "resuming after epoch 1" in result.stdout
+    assert final_state(project) == expected
+
+
+MIRRORED = """
+import json, sys
+from pathlib import Path
+import keras
+from pipeline import build, distribute, prepare, train
+from tests.conftest import compose
+out, cfg = Path(sys.argv[1]), compose(*sys.argv[3:])
+if sys.argv[2] == "prepare":
+    prepare.run(cfg, Path.cwd(), out)
+    build.run(cfg, out)
+else:
+    train.run(cfg, Path.cwd(), out, "test")
+    print("digest", distribute.weights_digest(keras.models.load_model(out / cfg.paths.model)))
+"""
+
+
+@pytest.mark.slow
+def test_a_mirrored_training_killed_and_resumed_ends_as_the_uninterrupted_one(tmp_path,
+                                                                              data_dir):
+    overrides = ["data.limit=600", "trainer.epochs=2", "model=small_cnn",
+                 "trainer.batch_size=32", "trainer.distribute=mirrored", f"data.path={data_dir}",
+                 f"data.test_path={data_dir}",
+                 f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    script = [sys.executable, "-c", MIRRORED, str(tmp_path)]
+    run([*script, "prepare", *overrides], REPO)
+
+    def digest(stdout):
+        return next(line for line in stdout.splitlines() if line.startswith("digest"))
+
+    expected = digest(run([*script, "train", *overrides], REPO).stdout)
+    proc = subprocess.Popen([*script, "train", *overrides], cwd=REPO, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    wait_for_line(proc, "epoch 1/2")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=300)
+    result = run([*script, "train", *overrides], REPO)
+    assert "resuming after epoch 1" in result.stdout
+    assert digest(result.stdout) == expected
