@@ -1,11 +1,17 @@
 # Quick start: `make repro` (set up, fetch the data, run the pipeline), `make test`.
+# `make help` lists the targets: the `## ` text on each target's line.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: bench gpu-check setup data browser params repro test test-slow test-full clean
+.PHONY: help bench gpu-check setup data browser params repro test test-unit test-slow test-full \
+	clean
+.DEFAULT_GOAL := help
+
+help: ## list the targets, one line each
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 # The virtual environment, re-installed when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -14,11 +20,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) ## create .venv and install the package with its test dependencies
 
 # Fashion-MNIST into data/: from data/ itself, a DVC remote, Debian's package (installed here
 # when missing, as root where apt-get exists) or, last, Keras's download. md5 sums verified.
-data: setup
+data: setup ## put Fashion-MNIST in data/ (md5 sums checked) and record it in data.dvc
 	@$(BIN)/python -m pipeline.data.fetch --no-download 2>/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
@@ -29,7 +35,7 @@ data: setup
 
 # Debian's Chromium for the MLflow UI tests (a test dependency only), installed when missing,
 # as root where apt-get exists.
-browser:
+browser: ## install Debian's Chromium for the MLflow UI tests, when missing
 	@test -x /usr/bin/chromium || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get install -y -qq chromium >/dev/null 2>&1 || \
@@ -37,32 +43,41 @@ browser:
 	  fi; }
 
 # params.yaml from conf/ plus overrides: make params ARGS='optimizer=rmsprop'
-params: setup
+params: setup ## write params.yaml from conf/ plus overrides: make params ARGS='optimizer=rmsprop'
 	$(BIN)/python -m pipeline.params $(ARGS)
 
-repro: data
+# Its last lines say how to enter the environment, for the README's next commands.
+repro: data ## set up, fetch the data and run the pipeline (dvc repro)
 	@$(BIN)/python -m pipeline.locks
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@echo
+	@echo "Next, in this shell and in every new one, enter the environment:"
+	@echo "  source $(VENV)/bin/activate"
+	@echo "then python -m pipeline ..., dvc exp run ... and mlflow ui ... work as the README shows."
 
-test: data
+test: data ## the test suite, less the tests marked slow or full
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(ARGS)
 
-test-slow: data browser
+# No data, no DVC, no training: configs, pure functions, model shapes (mark: unit).
+test-unit: setup ## the fast tests for the inner loop, under a minute
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m unit $(ARGS)
+
+test-slow: data browser ## the tests marked slow (CI runs them after make test)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m slow $(ARGS)
 
 # The default configuration on all of Fashion-MNIST reaches the README's accuracy (17-31 min on
 # 2 AVX2-only cores; not part of CI)
-test-full: data
+test-full: data ## the default config on all of Fashion-MNIST reaches the README's accuracy
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m full $(ARGS)
 
 # Throughput of the train stage against a bare model.fit; appends to benchmarks/results.md
-bench: data
+bench: data ## throughput of the train stage against a bare model.fit
 	$(BIN)/python benchmarks/throughput.py $(ARGS)
 
 # Throughput and time to 93%/94% test accuracy on one GPU, Keras on JAX (under 5 minutes):
 # make gpu-check ARGS='--batch-size 2048'
-gpu-check: data
+gpu-check: data ## throughput and time to 93%/94% test accuracy on one GPU (Keras on JAX)
 	KERAS_BACKEND=jax $(BIN)/python benchmarks/gpu_check.py $(ARGS)
 
-clean:
+clean: ## remove runs/ and outputs/
 	rm -rf runs outputs

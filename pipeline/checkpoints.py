@@ -98,12 +98,26 @@ class Checkpoint:
 
     def restore(self, model: keras.Model) -> int:
         """Load the last saved state into the compiled `model`; return its epoch (0: none)."""
+        return self._restore(model, with_optimizer=True)
+
+    def restore_model(self, model: keras.Model) -> int:
+        """Load the last saved state but the optimizer's variables into `model`; return its
+        epoch (0: none). For a resume at the start of a training phase with an optimizer of
+        its own (fine-tuning after the frozen epochs of transfer learning): the saved
+        optimizer state belongs to the phase before, and the new phase starts afresh."""
+        return self._restore(model, with_optimizer=False)
+
+    def _restore(self, model: keras.Model, with_optimizer: bool) -> int:
         folder = self._epoch_dir()
         if folder is None:
             return 0
-        if model.optimizer is not None and not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-        model.load_weights(folder / WEIGHTS_FILE)
+        skip = None
+        if model.optimizer is not None:
+            if not with_optimizer:
+                skip = [model.optimizer]
+            elif not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+        model.load_weights(folder / WEIGHTS_FILE, objects_to_skip=skip)
         saved = read_arrays(folder / RANDOM_STATES_FILE)
         states = random_states(model)
         if len(saved) != len(states):

@@ -375,6 +375,7 @@ def log_to_parent(client: MlflowClient, runs: Sequence[Run],
 
 def open_client(uri: str) -> MlflowClient:
     """A client of the store at `uri`; a SQLite store must exist (MLflow would create it)."""
+    tracking.check_file_store(uri)
     database = tracking.missing_store(uri)
     if database:
         raise CompareError(f"no MLflow store at {database}; train a run first (dvc repro) "

@@ -22,6 +22,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from pipeline.backbones import BACKBONES, IMAGENET
 from pipeline.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -138,9 +139,27 @@ FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 
 @dataclass
 class ModelConfig:
-    """A CNN: conv/pooling blocks, then fully connected layers, then the softmax output."""
+    """Fields every model has; each option of the `model` group adds its own."""
 
     name: str = MISSING
+
+    def __post_init__(self) -> None:
+        names = model_presets()
+        _require(self.name in names, "model", self.name,
+                 f"unknown model; choose one of {', '.join(names)}", names[0])
+
+
+def _check_head(dense_units: list[int], dropout: float, head: str) -> None:
+    _require(all(u > 0 for u in dense_units), "model.dense_units", dense_units,
+             "every dense layer needs a positive number of units", "[128]")
+    _require(0.0 <= dropout < 1.0, "model.dropout", dropout, "must lie in [0, 1)", "0.25")
+    _require(head in HEADS, "model.head", head, f"choose one of {', '.join(HEADS)}", "auto")
+
+
+@dataclass
+class CnnConfig(ModelConfig):
+    """A CNN: conv/pooling blocks, then fully connected layers, then the softmax output."""
+
     pad_input: int = MISSING  # zero padding around the input image (LeNet-5 pads 28x28 to 32x32)
     filters: list[int] = MISSING  # one conv block per entry
     kernel_size: int = MISSING
@@ -154,9 +173,7 @@ class ModelConfig:
     head: str = MISSING  # auto: one sigmoid unit for two classes, else softmax
 
     def __post_init__(self) -> None:
-        names = model_presets()
-        _require(self.name in names, "model", self.name,
-                 f"unknown model; choose one of {', '.join(names)}", names[0])
+        super().__post_init__()
         _require(self.pad_input >= 0, "model.pad_input", self.pad_input, "must be >= 0", "0")
         _require(all(f > 0 for f in self.filters), "model.filters", self.filters,
                  "every block needs a positive number of filters", "[32,64]")
@@ -170,12 +187,43 @@ class ModelConfig:
                  "choose max or avg", "max")
         _require(self.activation in ACTIVATIONS, "model.activation", self.activation,
                  f"choose one of {', '.join(ACTIVATIONS)}", "relu")
-        _require(all(u > 0 for u in self.dense_units), "model.dense_units", self.dense_units,
-                 "every dense layer needs a positive number of units", "[128]")
-        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout,
-                 "must lie in [0, 1)", "0.25")
-        _require(self.head in HEADS, "model.head", self.head,
-                 f"choose one of {', '.join(HEADS)}", "auto")
+        _check_head(self.dense_units, self.dropout, self.head)
+
+
+@dataclass
+class PretrainedConfig(ModelConfig):
+    """Transfer learning: a Keras Applications network (the backbone) with a new head.
+
+    The backbone trains frozen for `freeze_epochs` epochs, then is fine-tuned (its BatchNorm
+    layers stay frozen) at `fine_tune_lr_factor` times `optimizer.learning_rate`.
+    """
+
+    backbone: str = MISSING  # a name in pipeline.backbones.BACKBONES
+    weights: str | None = MISSING  # imagenet | a .weights.h5 / .h5 file | null: random weights
+    freeze_epochs: int = MISSING  # epochs with the backbone frozen; 0: fine-tune from the start
+    fine_tune_lr_factor: float = MISSING  # learning rate after unfreezing, x the optimizer's
+    dense_units: list[int] = MISSING  # dense layers of the head, between backbone and output
+    dropout: float = MISSING
+    head: str = MISSING  # auto: one sigmoid unit for two classes, else softmax
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.backbone in BACKBONES, "model.backbone", self.backbone,
+                 f"unknown backbone; choose one of {', '.join(BACKBONES)}",
+                 next(iter(BACKBONES)))
+        _require(self.weights in (None, IMAGENET) or Path(self.weights).expanduser().is_file(),
+                 "model.weights", self.weights,
+                 "no such weights file; give the path of a .weights.h5 or .h5 file that holds "
+                 f"the backbone's weights, {IMAGENET} (Keras downloads them) or null (random "
+                 "weights)", "path/to/backbone.weights.h5")
+        _require(self.freeze_epochs >= 0, "model.freeze_epochs", self.freeze_epochs,
+                 "must be >= 0 (0: fine-tune the backbone from the first epoch)", "5")
+        _require(self.fine_tune_lr_factor > 0, "model.fine_tune_lr_factor",
+                 self.fine_tune_lr_factor, "must be positive", "0.1")
+        _check_head(self.dense_units, self.dropout, self.head)
+
+
+MODEL_SCHEMAS: dict[str, type[ModelConfig]] = {"pretrained": PretrainedConfig}  # else CnnConfig
 
 
 HEADS = ("auto", "softmax", "sigmoid")
@@ -338,6 +386,7 @@ class PathsConfig:
     run: str = MISSING
     labels: str = MISSING
     metrics: str = MISSING
+    per_class: str = MISSING
     confusion: str = MISSING
     roc: str = MISSING
     precision_recall: str = MISSING
@@ -361,14 +410,14 @@ class Config:
         _require(0 <= self.seed <= MAX_SEED, "seed", self.seed,
                  f"must be an integer from 0 to {MAX_SEED} (NumPy and TensorFlow seeds are "
                  "32-bit)", "42")
-        if isinstance(self.data, ImageFolderConfig):  # the input size is known before prepare
-            check_model_fits(self.model, self.data.image_size)
+        if isinstance(self.data, ImageFolderConfig) and isinstance(self.model, CnnConfig):
+            check_model_fits(self.model, self.data.image_size)  # the input size is known now
 
 
 MAX_SEED = 2**32 - 1
 
 
-def _block_output(size: int, model: ModelConfig) -> int:
+def _block_output(size: int, model: CnnConfig) -> int:
     """The height (or width) after one conv block of `build_model`: `convs_per_block` convs
     (a `valid` conv trims kernel_size - 1, a `same` one keeps the size), then a 2x2 pooling
     with stride 2 (floor(size / 2)); 0 where a layer would get an empty input."""
@@ -380,7 +429,7 @@ def _block_output(size: int, model: ModelConfig) -> int:
     return size // 2
 
 
-def check_model_fits(model: ModelConfig, input_shape: Sequence[int]) -> None:
+def check_model_fits(model: CnnConfig, input_shape: Sequence[int]) -> None:
     """Refuse conv blocks that shrink the input to nothing, before Keras fails on them.
 
     `input_shape` is the image's (height, width[, channels]): `input_shape` in prepare's
@@ -430,8 +479,10 @@ def _option(raw: dict[str, Any], group: str, options: dict[str, type], example: 
 
 
 def _schema_for(raw: dict[str, Any]):
-    """The schema whose data and optimizer dataclasses match their `name` in `raw`."""
+    """The schema whose data, model and optimizer dataclasses match their `name` in `raw`."""
     schema = OmegaConf.structured(Config)
+    models = {name: MODEL_SCHEMAS.get(name, CnnConfig) for name in model_presets()}
+    schema.model = OmegaConf.structured(_option(raw, "model", models, "bn_cnn"))
     schema.data = OmegaConf.structured(_option(raw, "data", DATA_SOURCES, "fashion_mnist"))
     schema.optimizer = OmegaConf.structured(_option(raw, "optimizer", OPTIMIZERS, "adam"))
     return schema

@@ -3,7 +3,8 @@ and the lecture's claims measured: translation invariance (accuracy on shifted t
 against a baseline's when `invariance.baseline_run` names one) and the first conv layer's
 filters and feature maps.
 
-Writes `paths.metrics` (for `dvc metrics show`), `paths.confusion` (a DVC confusion plot),
+Writes `paths.metrics` (the headline figures, for `dvc metrics show`), `paths.per_class`
+(precision, recall, F1 and support of each class), `paths.confusion` (a DVC confusion plot),
 `paths.shift` (the shift curve, a DVC plot) and the PNG figures under `paths.figures`; adds all
 of it to the training run in MLflow.
 """
@@ -116,10 +117,12 @@ def curve_scores(y: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, 
 
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, class_names: list[str],
-             batch_size: int) -> tuple[dict, np.ndarray, np.ndarray, dict]:
-    """Return (metrics, confusion matrix, predicted labels, curves) of `model` on (x, y).
+             batch_size: int) -> tuple[dict, dict, np.ndarray, np.ndarray, dict]:
+    """Return (metrics, per-class scores, confusion matrix, predicted labels, curves) of
+    `model` on (x, y).
 
-    The metrics hold the accuracy's 95% interval and the number of examples. With two
+    The metrics are the headline figures, test accuracy first: loss, the accuracy's 95%
+    interval and the number of examples, macro averages, ROC AUC, average precision. With two
     classes, precision, recall and F1 are the positive class's (index 1) and the ROC and
     precision-recall curves score it; with more, the curves are micro-averaged one-vs-rest.
     """
@@ -133,8 +136,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, class_names: list
     fpr, tpr, roc_thresholds = roc_curve(positive, score)
     recall, precision, pr_thresholds = precision_recall_curve(positive, score)
     metrics = {
-        TEST_LOSS: float(keras.ops.convert_to_numpy(loss)),
         TEST_ACCURACY: float(np.mean(predicted == y)),
+        TEST_LOSS: float(keras.ops.convert_to_numpy(loss)),
         **diagnostics.interval_metrics("test", int(np.sum(predicted == y)), len(y)),
         "macro_precision": float(np.mean([s["precision"] for s in scores.values()])),
         "macro_recall": float(np.mean([s["recall"] for s in scores.values()])),
@@ -144,11 +147,10 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, class_names: list
     }
     if len(class_names) == 2:
         metrics.update({k: scores[class_names[1]][k] for k in ("precision", "recall", "f1")})
-    metrics["per_class"] = scores
     curves = {"roc": {"fpr": fpr, "tpr": tpr, "threshold": roc_thresholds},
               "precision_recall": {"recall": recall, "precision": precision,
                                    "threshold": pr_thresholds}}
-    return metrics, matrix, predicted, curves
+    return metrics, scores, matrix, predicted, curves
 
 
 def curve_csv(curve: dict[str, np.ndarray], max_points: int = 1000) -> str:
@@ -222,14 +224,14 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str) -> dict:
 
         baseline_run = cfg.invariance.baseline_run
         baseline = invariance.fetch_baseline(baseline_run, cfg) if baseline_run else None
-        metrics, matrix, predicted, curves = evaluate(model, x_test, y_test,
-                                                      meta["class_names"],
-                                                      cfg.trainer.batch_size)
+        metrics, per_class, matrix, predicted, curves = evaluate(
+            model, x_test, y_test, meta["class_names"], cfg.trainer.batch_size)
         shift = invariance.shift_curve(
             lambda images: predict_labels(model, images, cfg.trainer.batch_size),
             x_test, y_test, cfg.invariance.max_shift, reference=predicted)
         metrics["shift"] = shift_summary(shift, baseline[1] if baseline else None)
         write_json(out_root / cfg.paths.metrics, metrics)
+        write_json(out_root / cfg.paths.per_class, per_class)
         write_text(out_root / cfg.paths.confusion,
                    confusion_csv(y_test, predicted, meta["class_names"]))
         figures = out_root / cfg.paths.figures
@@ -251,9 +253,10 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str) -> dict:
         log_shift_curve(mlflow, shift)
         mlflow.log_metrics(flatten({"shift": metrics["shift"]}))
         mlflow.log_metrics({tracking.metric_key(f"test_f1.{name}"): s["f1"]
-                            for name, s in metrics["per_class"].items()})
+                            for name, s in per_class.items()})
         mlflow.log_artifacts(str(figures), artifact_path="figures")
         mlflow.log_artifact(str(out_root / cfg.paths.metrics))
+        mlflow.log_artifact(str(out_root / cfg.paths.per_class))
         warning = diagnostics.collapse_warning(
             predicted=predicted, actual=y_test, split="test", class_names=meta["class_names"],
             train_accuracy=history[-1][ACCURACY] if history else float("nan"), history=history)
@@ -288,7 +291,7 @@ def print_summary(cfg: Config, out_root: Path, metrics: dict, run_id: str, uri: 
           f"test loss {metrics[TEST_LOSS]:.4f}, macro F1 {metrics['macro_f1']:.4f}\n"
           f"  {shift_line(metrics['shift'], cfg.invariance.max_shift)}\n"
           f"  model    {show(cfg.paths.model)}\n"
-          f"  metrics  {show(cfg.paths.metrics)}\n"
+          f"  metrics  {show(cfg.paths.metrics)}, per class {show(cfg.paths.per_class)}\n"
           f"  plots    {show(cfg.paths.figures)}/, {show(cfg.paths.history)}, "
           f"{show(cfg.paths.confusion)}, {show(cfg.paths.shift)}\n"
           f"  MLflow   run {run_id} in {tracking.shown_uri(uri)}\n"

@@ -18,6 +18,8 @@ import os
 import re
 import socket
 import subprocess
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,13 +28,14 @@ from typing import Any
 import yaml
 
 from pipeline.config import Config, flatten, to_dict
-from pipeline.errors import PipelineError, sigterm_interrupts
+from pipeline.errors import ConfigError, PipelineError, sigterm_interrupts
 from pipeline.processes import is_running
 
 DEFAULT_STORE = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 PROJECT_MARKERS = ("dvc.yaml", "conf")
 SQLITE_BUSY_TIMEOUT_S = 120
+MLFLOW_SCHEME_NAMES = ("databricks", "databricks-uc", "uc")  # URIs with no `:`, not paths
 SWEEP_ID_TAG = "sweep.id"
 SWEEP_PARENT_TAG = "sweep.parent"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests the run under its parent
@@ -154,6 +157,32 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
+def file_store_path(uri: str) -> Path | None:
+    """The folder of an MLflow file store (`file:///…/mlruns`, or a bare path), else None."""
+    if uri in MLFLOW_SCHEME_NAMES:
+        return None
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path)).resolve()
+    return Path(uri).resolve() if parsed.scheme == "" else None
+
+
+def check_file_store(uri: str) -> None:
+    """Fail in one line on a file store, which MLflow 3 refuses with a long traceback, unless
+    MLFLOW_ALLOW_FILE_STORE=true asks MLflow to use it all the same."""
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+
+    folder = file_store_path(uri)
+    if folder is None or MLFLOW_ALLOW_FILE_STORE.get():
+        return
+    database = f"sqlite:///{folder.with_name(f'{folder.name}.db')}"
+    raise ConfigError(
+        f"the MLflow store {uri} is a file store, which MLflow 3 no longer reads: move it into "
+        f"SQLite (mlflow migrate-filestore --source {folder} --target {database}) and set "
+        f"mlflow.tracking_uri={database}, or set mlflow.tracking_uri=null for the project's "
+        "SQLite store mlflow.db, or set MLFLOW_ALLOW_FILE_STORE=true to use the file store")
+
+
 def missing_store(uri: str) -> Path | None:
     """The database file of a local SQLite store that does not exist yet (MLflow would create
     it, empty, on first use), else None."""
@@ -171,6 +200,7 @@ def connect(uri: str) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    check_file_store(uri)
     database = sqlite_path(uri)
     if uri.startswith(("http://", "https://")):
         check_server(uri)

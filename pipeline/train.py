@@ -8,19 +8,20 @@ id (`paths.run`) that `evaluate` adds the test metrics to.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import os
 import time
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
 
 from pipeline import backend, diagnostics, distribute, tracking
-from pipeline.build import MODEL_FILE, REPORT_JSON, REPORT_MD
+from pipeline.build import MODEL_FILE, REPORT_JSON, REPORT_MD, phase_arguments
 from pipeline.checkpoints import (
     CHECKPOINTS_DIR,
     Checkpoint,
@@ -49,6 +50,7 @@ from pipeline.metric_names import (
     VAL_ACCURACY,
     VAL_LOSS,
 )
+from pipeline.models import backbone_of, set_backbone_frozen
 from pipeline.prepare import META_FILE, read_meta, read_split
 from pipeline.stream import EpochBatches, epoch_order
 
@@ -59,6 +61,7 @@ COST_J = {"softmax": "sparse_categorical_crossentropy", "sigmoid": "binary_cross
 # Training images the BatchNorm statistics are recomputed over after training: 64 batches of
 # 128, where the average of the batch statistics has settled to a few parts in a thousand.
 PRECISE_BN_IMAGES = 8192
+RESUMED_EXACT_TAG = "pipeline.resumed_exact"
 
 
 def make_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int):
@@ -147,12 +150,40 @@ def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
     return {c: float(len(labels) / (len(counts) * n)) for c, n in enumerate(counts) if n}
 
 
+class Phase(NamedTuple):
+    """Epochs [start, end) trained with one optimizer, the backbone frozen or not (None: the
+    model has no backbone)."""
+
+    start: int
+    end: int
+    backbone_frozen: bool | None
+    optimizer: OptimizerConfig
+
+
+def training_phases(model: keras.Model, optimizer_cfg: OptimizerConfig, epochs: int,
+                    freeze_epochs: int = 0, fine_tune_lr_factor: float = 1.0) -> list[Phase]:
+    """One phase for a model without a backbone; for a pretrained one, the frozen epochs at the
+    configured learning rate, then fine-tuning at `fine_tune_lr_factor` times it (each phase
+    with a fresh optimizer whose schedule spans that phase), leaving out an empty phase."""
+    if backbone_of(model) is None:
+        if freeze_epochs:
+            raise ValueError(f"freeze_epochs={freeze_epochs}: model {model.name!r} has no "
+                             "backbone to freeze")
+        return [Phase(0, epochs, None, optimizer_cfg)]
+    fine_tune = dataclasses.replace(
+        optimizer_cfg, learning_rate=optimizer_cfg.learning_rate * fine_tune_lr_factor)
+    phases = [Phase(0, min(freeze_epochs, epochs), True, optimizer_cfg),
+              Phase(freeze_epochs, epochs, False, fine_tune)]
+    return [phase for phase in phases if phase.start < phase.end]
+
+
 def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
           val_data: tuple[np.ndarray, np.ndarray], optimizer_cfg: OptimizerConfig,
           epochs: int, batch_size: int, seed: int = 0, log_metrics=None,
           class_weight: dict[int, float] | None = None,
           checkpoint: Checkpoint | None = None,
-          jit_compile: bool | str = "auto", precise_bn: bool = False) -> list[dict[str, float]]:
+          jit_compile: bool | str = "auto", precise_bn: bool = False,
+          freeze_epochs: int = 0, fine_tune_lr_factor: float = 1.0) -> list[dict[str, float]]:
     """Compile `model` with the configured optimizer and fit it; return the per-epoch rows.
 
     Each epoch sees the training data in the order `pipeline.stream` derives from `seed` and
@@ -161,22 +192,43 @@ def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
     from its last completed epoch with everything the rest depends on, and saves each epoch;
     SIGTERM or Ctrl-C stop it after the current step (TrainingInterrupted).
 
+    A pretrained model (`build_pretrained`) trains in the phases of `training_phases`: epochs
+    [0, freeze_epochs) with its backbone frozen, the rest with the backbone unfrozen (its
+    BatchNorm layers stay frozen), recompiled with a fresh optimizer at `fine_tune_lr_factor`
+    times the learning rate. A resume at the phase boundary restores all but the optimizer
+    state, which belongs to the frozen phase.
+
     Raises:
         TrainingError: at the first step whose loss is not finite.
         TrainingInterrupted: on SIGTERM or SIGINT.
     """
     steps_per_epoch = math.ceil(len(train_data[0]) / batch_size)
-    compile_model(model, make_optimizer(optimizer_cfg, steps_per_epoch, epochs), jit_compile)
-    done = checkpoint.restore(model) if checkpoint else 0
+    phases = training_phases(model, optimizer_cfg, epochs, freeze_epochs, fine_tune_lr_factor)
+    done = len(checkpoint.completed_epochs()) if checkpoint else 0
     log = EpochLog(epochs, log_metrics, checkpoint)
-    batches = EpochBatches(*train_data, batch_size, seed, first_epoch=done,
-                           class_weight=class_weight)
-    if done < epochs:
-        with stop_cleanly_on_signals(model) as stop_on_signal:
-            model.fit(batches, steps_per_epoch=steps_per_epoch, shuffle=False,
-                      validation_data=val_data, validation_batch_size=batch_size,
-                      initial_epoch=done, epochs=epochs,
-                      callbacks=[LossGuard(), log, stop_on_signal], verbose=0)
+    restored = checkpoint is None
+    for phase in phases:
+        if done >= phase.end and phase is not phases[-1]:
+            continue  # completed before a resume
+        if phase.backbone_frozen is not None:
+            set_backbone_frozen(model, phase.backbone_frozen)
+        compile_model(model, make_optimizer(phase.optimizer, steps_per_epoch,
+                                            phase.end - phase.start), jit_compile)
+        if not restored:
+            if done == phase.start > 0:  # a new phase, a new optimizer
+                checkpoint.restore_model(model)
+            else:
+                checkpoint.restore(model)
+            restored = True
+        if done < phase.end:
+            batches = EpochBatches(*train_data, batch_size, seed, first_epoch=done,
+                                   class_weight=class_weight)
+            with stop_cleanly_on_signals(model) as stop_on_signal:
+                model.fit(batches, steps_per_epoch=steps_per_epoch, shuffle=False,
+                          validation_data=val_data, validation_batch_size=batch_size,
+                          initial_epoch=done, epochs=phase.end,
+                          callbacks=[LossGuard(), log, stop_on_signal], verbose=0)
+            done = phase.end
     if precise_bn:
         recompute_batchnorm_statistics(model, train_data[0], batch_size, seed, epochs)
     return log.rows
@@ -290,7 +342,7 @@ def train_replica(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
                      cfg.trainer.epochs, replicas.process_batch(cfg.trainer.batch_size),
                      seed=cfg.seed, log_metrics=log_metrics, class_weight=weights,
                      checkpoint=checkpoint, jit_compile=cfg.trainer.jit_compile,
-                     precise_bn=cfg.trainer.precise_bn)
+                     precise_bn=cfg.trainer.precise_bn, **phase_arguments(cfg.model))
     if replicas.processes > 1:
         print(f"train: process {replicas.process_id} of {replicas.processes} done, weights "
               f"digest {distribute.weights_digest(model)}", flush=True)
@@ -334,7 +386,8 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
             tracking.start_run(cfg, root, entry_point, data_path, run_name) as active:
         import mlflow
 
-        resume_after(checkpoint, active.info.run_id, mlflow.log_metrics)
+        resume_after(checkpoint, active.info.run_id, mlflow.log_metrics,
+                     cfg.trainer.deterministic)
         mlflow.log_artifact(str(build_dir / REPORT_MD))
         mlflow.log_artifact(str(build_dir / REPORT_JSON))
         mlflow.set_tags(replicas.tags(cfg.trainer.batch_size, cfg.optimizer.learning_rate))
@@ -363,18 +416,27 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
     return run_id
 
 
-def resume_after(checkpoint: Checkpoint, run_id: str, log_metrics) -> None:
+def resume_after(checkpoint: Checkpoint, run_id: str, log_metrics,
+                 deterministic: bool = True) -> None:
     """Link this run to the interrupted one whose checkpoint it resumes, and carry over the
-    epochs completed there; a run left RUNNING by a killed process is marked KILLED."""
+    epochs completed there; a run left RUNNING by a killed process is marked KILLED.
+
+    The resumed run records whether it ends bit for bit where the uninterrupted one would
+    (`pipeline.resumed_exact`): only under op determinism (`trainer.deterministic=true`)."""
     previous, done = checkpoint.previous_run_id(), checkpoint.completed_epochs()
     checkpoint.save_run_id(run_id)
     if not previous or previous == run_id:
         return
     tracking.link_resumed_run(previous, run_id)
+    tracking.set_tags({RESUMED_EXACT_TAG: str(deterministic).lower()})
     for row in done:
         log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
     print(f"train: resuming after epoch {len(done)} from the checkpoint of interrupted run "
           f"{previous}", flush=True)
+    if not deterministic:
+        print("train: this resume is not exact: without op determinism "
+              "(trainer.deterministic=false) the remaining epochs differ in their last digits "
+              "from an uninterrupted run's", flush=True)
 
 
 def main() -> None:

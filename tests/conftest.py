@@ -22,6 +22,19 @@ DATA = REPO / "data"
 QUICK = ["data.limit=300", "trainer.epochs=1", "model=small_cnn", "trainer.batch_size=64"]
 
 
+DATA_FIXTURES = {"data_dir", "project"}  # what a `unit` test may not ask for
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep the `unit` tier (make test-unit) free of data: a test marked unit that asks for
+    the data or a project copy is an error at collection, not a slow inner loop."""
+    for item in items:
+        used = DATA_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("unit") and used:
+            raise pytest.UsageError(f"{item.nodeid} is marked unit but uses {sorted(used)}; "
+                                    "drop the mark or the fixture")
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real Fashion-MNIST files, put in place by `make data`."""

@@ -15,6 +15,8 @@ from pipeline.build import model_from_config
 from pipeline.models import parameter_report, report_markdown
 from tests.conftest import compose
 
+pytestmark = pytest.mark.unit  # make test-unit: no data, no DVC, no training
+
 META = {"input_shape": [28, 28, 1], "num_classes": 10, "pixel_mean": 0.29, "pixel_std": 0.35}
 
 

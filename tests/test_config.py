@@ -11,7 +11,9 @@ from omegaconf import MISSING
 
 from pipeline.config import (
     DATA_SOURCES,
+    MODEL_SCHEMAS,
     OPTIMIZERS,
+    CnnConfig,
     Config,
     check_model_fits,
     group_options,
@@ -21,6 +23,8 @@ from pipeline.config import (
 from pipeline.errors import ConfigError
 from pipeline.params import compose_config, params_yaml, write_params
 from tests.conftest import REPO, compose
+
+pytestmark = pytest.mark.unit  # make test-unit: no data, no DVC, no training
 
 GROUPS = ["data", "model", "augment", "optimizer", "trainer", "experiment"]
 
@@ -110,7 +114,8 @@ def test_a_key_missing_from_params_yaml_fails_with_the_fix():
 
 def schema_classes(cls: type) -> set[type]:
     """`cls` and every dataclass that its fields or its subclasses' fields name."""
-    found, todo = set(), [cls, *DATA_SOURCES.values(), *OPTIMIZERS.values()]
+    found, todo = set(), [cls, *DATA_SOURCES.values(), *OPTIMIZERS.values(), CnnConfig,
+                          *MODEL_SCHEMAS.values()]
     while todo:
         current = todo.pop()
         if current in found:

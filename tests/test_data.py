@@ -16,6 +16,7 @@ from pipeline.errors import DataError
 from pipeline.prepare import prepare
 
 
+@pytest.mark.unit
 def test_idx_round_trip():
     array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     np.testing.assert_array_equal(decode_idx(encode_idx(array)), array)
@@ -28,6 +29,7 @@ def test_idx_round_trip():
     (lambda b: b + b"\x00", "truncated or corrupt"),
     (lambda b: b[:6], "truncated IDX header"),
 ])
+@pytest.mark.unit
 def test_idx_rejects_corrupt_bytes(mutate, message):
     good = encode_idx(np.zeros((3, 2, 2), np.uint8))
     with pytest.raises(DataError, match=message):
@@ -84,6 +86,7 @@ def test_labels_out_of_range_and_wrong_counts(data_dir, tmp_path):
         fashion_mnist.load(data, verify_md5=False)
 
 
+@pytest.mark.unit
 def test_stratified_order_keeps_class_proportions_in_every_prefix():
     labels = np.repeat(np.arange(4), [400, 300, 200, 100])
     order = stratified_order(labels, np.random.default_rng(0))
@@ -130,12 +133,14 @@ def tiny_dataset(y_train, y_test, x_value=None) -> Dataset:
     ([0, 1, 2] * 10, [0, 1, 1], None, 0.2, r"the test split has no images of class\(es\) 'c'"),
     ([0, 1, 2] * 10, [0, 1, 2, 0, 1, 2], 2, 0.2, r"the train split has no images of class"),
 ])
+@pytest.mark.unit
 def test_prepare_refuses_splits_that_cannot_train_or_be_scored(y_train, y_test, limit,
                                                                val_fraction, message):
     with pytest.raises(DataError, match=message):
         prepare(tiny_dataset(y_train, y_test), limit=limit, val_fraction=val_fraction, seed=0)
 
 
+@pytest.mark.unit
 def test_prepare_refuses_images_that_are_all_one_value():
     with pytest.raises(DataError, match="every training pixel has the value 7: the images carry "
                        "nothing to learn"):

@@ -27,10 +27,12 @@ CLASSES = ["cat", "dog", "bird", "fish", "frog", "horse", "ship", "truck", "plan
     (10, 10, (0.7225, 1.0)),  # n/n: [n/(n + z²), 1]
     (1, 1, (0.2065, 1.0)),
 ])
+@pytest.mark.unit
 def test_wilson_interval_by_hand(correct, n, expected):
     assert accuracy_interval(correct, n) == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.unit
 def test_interval_edges_are_exact_and_narrow_with_n():
     assert accuracy_interval(0, 50)[0] == 0.0
     assert accuracy_interval(50, 50)[1] == 1.0
@@ -39,11 +41,13 @@ def test_interval_edges_are_exact_and_narrow_with_n():
 
 
 @pytest.mark.parametrize("correct,n", [(0, 0), (5, 4), (-1, 4)])
+@pytest.mark.unit
 def test_interval_refuses_impossible_counts(correct, n):
     with pytest.raises(ValueError, match=f"{correct}/{n}"):
         accuracy_interval(correct, n)
 
 
+@pytest.mark.unit
 def test_accuracy_line():
     assert accuracy_line("validation", 18, 40) == (
         "validation accuracy 0.4500 (95% CI 0.31–0.60, n=40)")
@@ -60,6 +64,7 @@ def noisy(actual: np.ndarray, accuracy: float, classes: int, seed: int = 0) -> n
     return np.where(wrong, rng.integers(0, classes, len(actual)), actual)
 
 
+@pytest.mark.unit
 def test_collapsed_test_predictions_give_one_warning_line():
     actual = balanced(5, 10)
     predicted = np.r_[np.zeros(49, int), 1]
@@ -81,12 +86,14 @@ def test_collapsed_test_predictions_give_one_warning_line():
     (2, np.r_[np.zeros(200, int), np.ones(100, int)]),  # two classes at 2:1
 ])
 @pytest.mark.parametrize("accuracy", [0.5, 0.85, 0.99])
+@pytest.mark.unit
 def test_healthy_predictions_give_no_warning(classes, actual, accuracy):
     predicted = noisy(actual, accuracy, classes)
     assert collapse_warning(predicted=predicted, actual=actual, train_accuracy=0.99,
                             split="test") is None
 
 
+@pytest.mark.unit
 def test_a_two_class_model_that_favours_the_majority_class_is_no_collapse():
     actual = np.r_[np.zeros(200, int), np.ones(100, int)]
     predicted = np.r_[np.zeros(200, int), np.zeros(70, int), np.ones(30, int)]  # 90% class 0
@@ -97,6 +104,7 @@ def test_a_two_class_model_that_favours_the_majority_class_is_no_collapse():
                             split="validation") is not None
 
 
+@pytest.mark.unit
 def test_a_model_that_learned_nothing_is_not_a_collapse():
     """One class everywhere with training accuracy near chance: underfitting, not this."""
     assert collapse_warning(predicted=np.zeros(50, int), actual=balanced(5, 10),
@@ -108,6 +116,7 @@ def history(losses, val_losses):
             for i, (a, b) in enumerate(zip(losses, val_losses))]
 
 
+@pytest.mark.unit
 def test_diverging_losses_give_a_warning():
     rows = history([1.0, 0.6, 0.4, 0.3, 0.2], [1.0, 0.8, 0.9, 1.1, 1.2])
     line = collapse_warning(predicted=balanced(5, 10), actual=balanced(5, 10),
@@ -125,12 +134,14 @@ def test_diverging_losses_give_a_warning():
     ([1.0, 0.5], [1.0, 2.0]),  # too few epochs to tell
     ([0.5, 0.5, 0.5, 0.5], [1.0, 1.0, 1.5, 2.0]),  # training loss did not fall
 ])
+@pytest.mark.unit
 def test_no_divergence_warning(losses, val_losses):
     assert collapse_warning(predicted=balanced(5, 10), actual=balanced(5, 10),
                             train_accuracy=0.9, split="validation",
                             history=history(losses, val_losses)) is None
 
 
+@pytest.mark.unit
 def test_validation_report():
     actual = balanced(4, 10)
     predicted = actual.copy()

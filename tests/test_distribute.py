@@ -20,6 +20,7 @@ from tests.servers import free_port
 WORKER_TIMEOUT_S = 300
 
 
+@pytest.mark.unit
 def test_global_batch_and_the_linear_learning_rate_rule():
     replicas = distribute.Replicas("multi_worker", count=4, processes=2, process_id=1)
     assert distribute.global_batch(64, 4) == 256
@@ -34,6 +35,7 @@ def test_global_batch_and_the_linear_learning_rate_rule():
     assert not replicas.is_chief
 
 
+@pytest.mark.unit
 def test_one_replica_leaves_everything_as_configured():
     cfg = compose()
     replicas = distribute.start("none")
@@ -46,6 +48,7 @@ def test_one_replica_leaves_everything_as_configured():
         "learning_rate 0.001"
 
 
+@pytest.mark.unit
 def test_shards_are_disjoint_and_of_equal_size():
     x, y = np.arange(11), np.arange(11) * 10
     shards = [distribute.shard((x, y), i, 3) for i in range(3)]
@@ -61,6 +64,7 @@ def test_shards_are_disjoint_and_of_equal_size():
     ({"KERAS_DISTRIBUTION_JOB_ADDRESSES": "h:1", "KERAS_DISTRIBUTION_NUM_PROCESSES": "two",
       "KERAS_DISTRIBUTION_PROCESS_ID": "0"}, "must be integers"),
 ])
+@pytest.mark.unit
 def test_a_badly_described_job_fails_in_one_line(environ, message):
     with pytest.raises(ConfigError, match=message):
         distribute.job_from_env(environ)
@@ -80,6 +84,7 @@ def test_each_mode_names_the_backend_it_needs(tmp_path):
         "error: trainer.distribute=mirrored: needs KERAS_BACKEND=tensorflow, not jax")
 
 
+@pytest.mark.unit
 def test_python_m_pipeline_leaves_multi_worker_to_the_train_stage(tmp_path):
     from pipeline.__main__ import run_stages
 

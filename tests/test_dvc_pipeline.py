@@ -7,7 +7,10 @@ then check the outputs, DVC's views of them, the MLflow run, and what a change r
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,10 +19,12 @@ from pipeline.params import write_params
 from tests.conftest import QUICK, copy_project, mlflow_runs, run
 
 STAGES = ("prepare", "build", "train", "evaluate")
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+           "Bag", "Ankle boot")
 
 
-def repro(project, *args):
-    result = run(["dvc", "repro", *args], project)
+def repro(project, *args, dvc="dvc", extra_env=None):
+    result = run([dvc, "repro", *args], project, extra_env=extra_env)
     return set(re.findall(r"Running stage '(\w+)'", result.stdout)), result
 
 
@@ -27,11 +32,26 @@ def set_params(project, *overrides):
     write_params([*QUICK, *overrides], project / "params.yaml")
 
 
+def without_venv(project):
+    """The environment of `.venv/bin/dvc repro` typed in a new shell: the project has a
+    `.venv` (this interpreter's, linked), and PATH does not hold it."""
+    venv = Path(sys.prefix)
+    (project / ".venv").symlink_to(venv, target_is_directory=True)
+    with (project / ".git" / "info" / "exclude").open("a") as f:
+        f.write("/.venv\n")  # .gitignore's `/.venv/` matches a folder, not a link
+    path = [p for p in os.environ["PATH"].split(os.pathsep)
+            if p and Path(p).resolve() != (venv / "bin").resolve()]
+    return str(venv / "bin" / "dvc"), {"PATH": os.pathsep.join(path)}
+
+
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory, data_dir):
+    """The first `dvc repro` runs as a newcomer starts it, `.venv/bin/dvc repro` in a shell
+    where the venv is not active; later ones run with the venv on PATH."""
     project = copy_project(tmp_path_factory.mktemp("dvc") / "project", data_dir)
     set_params(project)
-    ran, result = repro(project)
+    dvc, environ = without_venv(project)
+    ran, result = repro(project, dvc=dvc, extra_env=environ)
     return project, ran, result
 
 
@@ -40,14 +60,19 @@ def test_repro_runs_every_stage_and_writes_outputs(reproduced):
     assert ran == set(STAGES)
     params = yaml.safe_load((project / "params.yaml").read_text())
     paths = params["paths"]
-    for key in ("prepared", "build", "model", "history", "run", "metrics", "confusion"):
+    for key in ("prepared", "build", "model", "history", "run", "metrics", "per_class",
+                "confusion"):
         assert (project / paths[key]).exists(), key
     for png in ("confusion_matrix.png", "learning_curves.png"):
         assert (project / paths["figures"] / png).read_bytes()[:4] == b"\x89PNG"
     metrics = json.loads((project / paths["metrics"]).read_text())
     assert 0.1 < metrics["test_accuracy"] <= 1.0
-    assert set(metrics["per_class"]) == {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"}
+    assert next(iter(metrics)) == "test_accuracy" and "per_class" not in metrics
+    assert not set(CLASSES) & set(metrics)
+    per_class = json.loads((project / paths["per_class"]).read_text())
+    assert set(per_class) == set(CLASSES)
+    assert all(set(s) == {"precision", "recall", "f1", "support"} for s in per_class.values())
+    assert sum(s["support"] for s in per_class.values()) == metrics["test_examples"]
     history = (project / paths["history"]).read_text().splitlines()
     assert history[0].startswith("epoch,loss,accuracy,val_loss,val_accuracy")
     assert len(history) == 1 + 1  # header + one epoch
@@ -107,6 +132,11 @@ def test_dvc_metrics_plots_and_params_views(reproduced):
     project, _, _ = reproduced
     shown = run(["dvc", "metrics", "show"], project).stdout
     assert "test_accuracy" in shown and "shift.accuracy_at_max_shift" in shown
+    assert not any(name in shown for name in CLASSES)  # per class in a file of its own
+    assert max(len(line) for line in shown.splitlines()) < 300
+    paths = yaml.safe_load((project / "params.yaml").read_text())["paths"]
+    per_class = run(["dvc", "metrics", "show", paths["per_class"]], project).stdout
+    assert "Trouser.f1" in per_class and "Ankle boot.support" in per_class
     plots = run(["dvc", "plots", "show", "-o", "plots_html"], project)
     html = (project / "plots_html" / "index.html").read_text()
     assert "learning curves" in html and "confusion matrix" in html, plots.stdout

@@ -107,6 +107,7 @@ def test_unknown_names_fail_at_composition(project, override, message):
      "model='resnet': unknown model"),
     (["experiment=compare_optimizers", "+trainer.epoch=1"], "trainer.epoch"),
 ])
+@pytest.mark.unit
 def test_command_lines_are_checked_as_hydra_would_compose_them(argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_command_line(argv)
@@ -118,6 +119,7 @@ def test_command_lines_are_checked_as_hydra_would_compose_them(argv, message):
     ["--cfg", "job", "trainer.epochs=range(1,3)", "+hydra.job.env_set.X=1"],
     ["--help"],
 ])
+@pytest.mark.unit
 def test_good_command_lines_pass_the_check(argv):
     check_command_line(argv)
 
@@ -130,12 +132,14 @@ def test_good_command_lines_pass_the_check(argv):
      "the sweep with `python -m pipeline -m optimizer=gd,adam`, or queue its runs with "
      "`dvc exp run --queue -S 'optimizer=gd,adam'`"),
 ])
+@pytest.mark.unit
 def test_params_yaml_refuses_a_sweep(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         write_params(overrides, tmp_path / "params.yaml")
     assert not (tmp_path / "params.yaml").exists()
 
 
+@pytest.mark.unit
 def test_params_main_writes_the_projects_params_yaml_from_a_subfolder(tmp_path, monkeypatch,
                                                                       capsys):
     from pipeline import params

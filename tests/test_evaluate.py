@@ -9,6 +9,8 @@ from pipeline.evaluate import confusion_csv, confusion_matrix, per_class_scores
 from pipeline.figures import plot_confusion_matrix, plot_learning_curves, save_figure
 from pipeline.train import history_csv
 
+pytestmark = pytest.mark.unit  # make test-unit: no data, no DVC, no training
+
 
 def test_confusion_matrix_and_scores_by_hand():
     y_true = np.array([0, 0, 0, 1, 1, 2])
@@ -50,3 +52,24 @@ def test_history_csv_has_one_row_per_epoch():
     assert history_csv(rows).splitlines() == [
         "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate",
         "1,0.5,0.8,0.6,0.7,0.001"]
+
+
+def test_headline_metrics_hold_no_per_class_figures():
+    """`dvc metrics show` reads the headline dict, test accuracy first; each class's figures
+    come apart, one entry per class."""
+    import keras
+
+    from pipeline.evaluate import evaluate
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    x = np.random.default_rng(0).normal(size=(12, 4)).astype("float32")
+    y = np.arange(12) % 3
+    metrics, per_class, matrix, predicted, _ = evaluate(model, x, y, ["a", "b", "c"], 4)
+    assert next(iter(metrics)) == "test_accuracy"
+    assert {"test_loss", "test_accuracy_ci_low", "test_accuracy_ci_high", "test_examples",
+            "macro_precision", "macro_recall", "macro_f1", "roc_auc",
+            "average_precision"} <= set(metrics)
+    assert all(isinstance(v, (int, float)) for v in metrics.values())  # nothing nested
+    assert per_class == per_class_scores(matrix, ["a", "b", "c"])
+    assert [s["support"] for s in per_class.values()] == [4, 4, 4]
+    assert metrics["test_accuracy"] == np.mean(predicted == y)

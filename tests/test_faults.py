@@ -154,6 +154,22 @@ def test_unreachable_mlflow_server_fails_before_any_work(project):
     assert not list((project / "runs").rglob("outputs"))
 
 
+def test_an_mlflow_file_store_fails_in_one_line_before_any_work(project, tmp_path):
+    """A `file:` store (as many MLflow users have); a bare path is checked in test_tracking."""
+    folder = tmp_path / "mlruns"
+    uri = folder.as_uri()
+    result = run(["python", "-m", "pipeline", *QUICK, f"mlflow.tracking_uri={uri}"], project,
+                 check=False)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [result.stderr.strip().splitlines()[-1]]
+    assert "MLflow 3 no longer reads" in errors[0] and "mlflow migrate-filestore" in errors[0]
+    assert "mlflow.tracking_uri=null" in errors[0] and "Traceback" not in result.stderr
+    assert "prepare:" not in result.stdout
+    assert not list((project / "runs").rglob("outputs"))
+    assert not folder.exists() and mlflow_runs(project) == []  # no run, RUNNING or other
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     mount = tmp_path / "small-disk"

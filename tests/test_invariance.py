@@ -34,6 +34,7 @@ def quick(*overrides: str) -> list[str]:
     return [*(o for o in QUICK if o.split("=")[0] not in keys), *overrides]
 
 
+@pytest.mark.unit
 def test_shift_images_by_hand():
     image = np.arange(1, 10, dtype=np.uint8).reshape(1, 3, 3, 1)  # rows 1 2 3 / 4 5 6 / 7 8 9
     assert shift_images(image, 0, 0)[0, ..., 0].tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
@@ -54,6 +55,7 @@ def dot_images(rows_cols: list[tuple[int, int] | None]) -> np.ndarray:
     return images
 
 
+@pytest.mark.unit
 def test_a_position_free_classifier_keeps_its_answer_until_the_object_leaves():
     def anything_there(images):  # class 1 when any pixel is lit: blind to position
         return images.reshape(len(images), -1).max(axis=1).astype(bool).astype(int)
@@ -65,6 +67,7 @@ def test_a_position_free_classifier_keeps_its_answer_until_the_object_leaves():
     assert [row["agreement"] for row in curve] == [1.0, 1.0, 0.5]
 
 
+@pytest.mark.unit
 def test_a_position_bound_classifier_loses_half_at_one_pixel():
     def column_of_the_dot(images):  # the class is the dot's column: bound to position
         return images[..., 0].max(axis=1).argmax(axis=1)
@@ -77,6 +80,7 @@ def test_a_position_bound_classifier_loses_half_at_one_pixel():
                                 "mean_agreement": 0.5}
 
 
+@pytest.mark.unit
 def test_summary_averages_agreement_over_the_shifted_images_only():
     curve = [{"shift": 0, "accuracy": 0.9, "agreement": 1.0},
              {"shift": 1, "accuracy": 0.8, "agreement": 0.9},

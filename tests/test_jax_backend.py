@@ -47,6 +47,7 @@ def test_no_backend_at_all_names_the_extras_to_install(tmp_path):
         "-e '.[tensorflow]' (or '.[gpu]', '.[jax]'), or set KERAS_BACKEND to the one you have")
 
 
+@pytest.mark.unit
 def test_the_backend_is_an_extra_so_a_jax_install_pulls_no_tensorflow():
     """What pip reads: the installed package's requirements, each with its extra."""
     by_extra: dict[str, list[str]] = {}

@@ -166,6 +166,7 @@ def classes(probabilities: np.ndarray, names=FILE_NAMES) -> list[str]:
 
 # --- finding and reading images ---------------------------------------------------------------
 
+@pytest.mark.unit
 def test_find_images_walks_folders_sorted_and_takes_named_files_as_they_are(images, tmp):
     named = tmp / "named.dat"
     Image.fromarray(gray("noise")).save(named, format="PNG")
@@ -173,6 +174,7 @@ def test_find_images_walks_folders_sorted_and_takes_named_files_as_they_are(imag
     assert find_images([images.folder / "more"]) == [images.paths[-1]]
 
 
+@pytest.mark.unit
 def test_find_images_leaves_out_hidden_files_and_folders(tmp_path):
     Image.fromarray(gray("noise")).save(tmp_path / "shoe.png")
     (tmp_path / "._shoe.png").write_bytes(b"\0\5\26\7 macOS resource fork")
@@ -181,6 +183,7 @@ def test_find_images_leaves_out_hidden_files_and_folders(tmp_path):
     assert find_images([tmp_path]) == [tmp_path / "shoe.png"]
 
 
+@pytest.mark.unit
 def test_find_images_refuses_a_missing_path_and_a_folder_without_images(images, tmp):
     with pytest.raises(PredictError, match=r"image '.*nope\.png' does not exist"):
         find_images([images.folder, tmp / "nope.png"])
@@ -191,6 +194,7 @@ def test_find_images_refuses_a_missing_path_and_a_folder_without_images(images, 
         find_images([empty])
 
 
+@pytest.mark.unit
 def test_load_images_converts_and_resizes_as_the_model_asks(images):
     loaded, resized = load_images(images.paths, CLASSIFIER_SHAPE)
     assert loaded.dtype == np.float32 and loaded.shape == (6, 28, 28, 1)
@@ -203,6 +207,7 @@ def test_load_images_converts_and_resizes_as_the_model_asks(images):
     assert wide[:, :13].max() < 10 and wide[:, 15:].min() > 240
 
 
+@pytest.mark.unit
 def test_load_images_replicates_grayscale_into_rgb(images):
     loaded, resized = load_images(images.paths[:1], DETECTOR_SHAPE)
     assert loaded.shape == (1, 32, 32, 3) and resized == [True]
@@ -212,6 +217,7 @@ def test_load_images_replicates_grayscale_into_rgb(images):
     np.testing.assert_allclose(loaded[0, :, :, 0], expected, atol=1)
 
 
+@pytest.mark.unit
 def test_a_corrupt_image_is_refused_naming_the_file(tmp):
     corrupt = tmp / "corrupt.png"
     corrupt.write_bytes(np.random.default_rng(1).bytes(300))
@@ -225,6 +231,7 @@ def test_a_corrupt_image_is_refused_naming_the_file(tmp):
 
 # --- models and their class names ----------------------------------------------------------
 
+@pytest.mark.unit
 def test_load_predictor_takes_the_class_names_from_labels_json(classifier, detector):
     model, names = load_predictor(str(classifier[1]))
     assert names == FILE_NAMES and image_shape(model) == CLASSIFIER_SHAPE
@@ -232,6 +239,7 @@ def test_load_predictor_takes_the_class_names_from_labels_json(classifier, detec
     assert names == DETECTOR_NAMES and image_shape(model) == DETECTOR_SHAPE
 
 
+@pytest.mark.unit
 def test_without_labels_json_the_class_indices_are_the_names(tmp):
     folder = tmp / "unlabelled"
     folder.mkdir()
@@ -247,6 +255,7 @@ def test_without_labels_json_the_class_indices_are_the_names(tmp):
     ([1, 2, 3], r"labels\.json' holds list, not"),
     ("{not json", r"labels\.json' cannot be read as JSON"),
 ])
+@pytest.mark.unit
 def test_labels_that_do_not_fit_are_refused(tmp_path, classifier, labels, message):
     classifier[0].save(tmp_path / "model.keras")
     text = labels if isinstance(labels, str) else json.dumps(labels)
@@ -255,6 +264,7 @@ def test_labels_that_do_not_fit_are_refused(tmp_path, classifier, labels, messag
         load_predictor(str(tmp_path / "model.keras"))
 
 
+@pytest.mark.unit
 def test_models_that_are_not_image_classifiers_are_refused(tmp):
     not_keras = tmp / "random.keras"
     not_keras.write_bytes(np.random.default_rng(2).bytes(500))
@@ -269,6 +279,7 @@ def test_models_that_are_not_image_classifiers_are_refused(tmp):
         load_predictor(str(tmp / "rgba.keras"))
 
 
+@pytest.mark.unit
 def test_a_model_that_is_neither_a_file_nor_an_mlflow_reference_is_refused(tmp):
     with pytest.raises(PredictError, match=r"model '.*nope\.keras' not found: no such file"):
         load_predictor(str(tmp / "nope.keras"))
@@ -276,6 +287,7 @@ def test_a_model_that_is_neither_a_file_nor_an_mlflow_reference_is_refused(tmp):
 
 # --- predictions ---------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_predict_gives_the_models_argmax_and_its_probabilities(classifier, images, expected):
     model = load_predictor(str(classifier[1]))[0]
     loaded, _ = load_images(images.paths, CLASSIFIER_SHAPE)
@@ -298,6 +310,7 @@ class FixedSigmoid:
         return self.outputs
 
 
+@pytest.mark.unit
 def test_a_sigmoid_output_is_the_probability_of_the_second_class():
     predictions = predict(FixedSigmoid([0.2, 0.5, 0.9]), np.zeros((3, 1, 1, 1)), DETECTOR_NAMES)
     assert [(p["class"], round(p["probability"], 6)) for p in predictions] == [
@@ -306,6 +319,7 @@ def test_a_sigmoid_output_is_the_probability_of_the_second_class():
         "dark": 0.8, "bright": 0.2}
 
 
+@pytest.mark.unit
 def test_the_detector_sees_dark_and_bright_images_after_conversion_and_resizing(detector, tmp):
     folder = tmp / "shades"
     folder.mkdir()
@@ -324,6 +338,7 @@ def test_the_detector_sees_dark_and_bright_images_after_conversion_and_resizing(
     assert predictions[0]["probability"] == pytest.approx(1 - bright[0])
 
 
+@pytest.mark.unit
 def test_the_pipelines_two_class_model_is_a_detector_predict_reads(tmp, images):
     keras.utils.set_random_seed(3)
     model = build_model(CLASSIFIER_SHAPE, 2, filters=[4], dense_units=[8])
@@ -343,6 +358,7 @@ def test_the_pipelines_two_class_model_is_a_detector_predict_reads(tmp, images):
                                atol=1e-5)
 
 
+@pytest.mark.unit
 def test_top_classes_and_the_output_formats():
     prediction = {"class": "b", "probability": 0.5,
                   "probabilities": {"a": 0.2, "b": 0.5, "c": 0.3}}
@@ -358,6 +374,7 @@ def test_top_classes_and_the_output_formats():
          "resized": True}]
 
 
+@pytest.mark.unit
 def test_main_prints_the_top_k_and_refuses_k_beyond_the_classes(classifier, images, expected,
                                                                  capsys):
     main([str(classifier[1]), str(images.paths[0]), "--top", "3"])
@@ -422,6 +439,7 @@ def test_unknown_mlflow_references_are_refused(store, model_ref, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.unit
 def test_a_missing_sqlite_store_is_refused_not_created(tmp):
     missing = tmp / "elsewhere" / "mlflow.db"
     with pytest.raises(PredictError, match=rf"no MLflow store at {missing}"):

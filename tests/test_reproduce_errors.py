@@ -103,6 +103,7 @@ def test_a_failing_dvc_repro_is_one_line_with_the_command_and_its_exit_code(tmp_
 # 1b: `dvc` is not on PATH
 
 
+@pytest.mark.unit
 def test_dvc_missing_from_path_names_dvc_and_the_virtualenv(tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty-bin"
     empty.mkdir()
@@ -117,6 +118,7 @@ def test_dvc_missing_from_path_names_dvc_and_the_virtualenv(tmp_path, monkeypatc
 # 1c: outside a git checkout
 
 
+@pytest.mark.unit
 def test_outside_a_git_checkout_says_to_run_inside_the_runs_commit(outside_git, capsys):
     commit = "0123456789abcdef0123456789abcdef01234567"
 
@@ -138,6 +140,7 @@ def test_outside_a_git_checkout_says_to_run_inside_the_runs_commit(outside_git, 
     ("path", "1e3"),
     ("name", "fashion_mnist"),
 ])
+@pytest.mark.unit
 def test_string_data_fields_come_back_as_logged(key, value):
     cfg = compose()
     cfg.data = dataclasses.replace(cfg.data, **{key: None if value == "null" else value})
@@ -146,6 +149,7 @@ def test_string_data_fields_come_back_as_logged(key, value):
 
 
 @pytest.mark.parametrize("sweep_id", ["2024-01-01", "12:30", "1e3", "null"])
+@pytest.mark.unit
 def test_optional_string_fields_keep_their_text_and_null_means_none(sweep_id):
     cfg = compose()
     cfg.mlflow = dataclasses.replace(cfg.mlflow,
@@ -154,6 +158,7 @@ def test_optional_string_fields_keep_their_text_and_null_means_none(sweep_id):
     assert reproduce.config_from_params(logged(cfg)) == cfg
 
 
+@pytest.mark.unit
 def test_numbers_bools_lists_and_other_sources_are_still_parsed():
     cfg = compose("data=image_folder", "data.path=0755", "data.color_mode=grayscale",
                   "optimizer=momentum", "optimizer.clipnorm=1.5", "trainer.jit_compile=true",
@@ -171,6 +176,7 @@ def test_numbers_bools_lists_and_other_sources_are_still_parsed():
 
 
 @pytest.mark.parametrize("text", ["", "  \n", '{"write": {"/x": {"pid": 1, "cm', "[]"])
+@pytest.mark.unit
 def test_an_empty_or_unparsable_rwlock_holds_no_locks_and_is_removed(tmp_path, text):
     path = tmp_path / locks.RWLOCK
     path.parent.mkdir(parents=True)

@@ -97,6 +97,7 @@ def test_checkpoint_holds_the_dropout_and_augmentation_random_states(subset, tmp
     assert not any(np.array_equal(a, b) for a, b in zip(after, before))  # moved on by epoch 1
 
 
+@pytest.mark.unit
 def test_each_epoch_order_is_a_function_of_seed_and_epoch():
     first = epoch_order(100, seed=3, epoch=0)
     assert sorted(first) == list(range(100))
@@ -131,6 +132,7 @@ def test_precise_batchnorm_statistics_are_those_of_the_training_data(subset):
     assert bn.momentum == 0.99  # put back
 
 
+@pytest.mark.unit
 def test_precision_auto_picks_bfloat16_only_where_it_pays():
     assert backend.resolve_precision("auto", flags={"avx2", "fma"}, gpu=False) == "float32"
     assert backend.resolve_precision("auto", flags={"avx512_bf16"}, gpu=False) == \

@@ -23,6 +23,7 @@ def dirty(folder: Path) -> str:
     return tracking.lineage_tags(folder, folder / "data", "test")["git.dirty"]
 
 
+@pytest.mark.unit
 def test_git_dirty_is_about_the_code_not_the_params_a_run_logs(tmp_path):
     for name, text in (("params.yaml", "seed: 1\n"), ("dvc.lock", "schema: '2.0'\n"),
                        ("conf/model/a.yaml", "filters: [8]\n"), (".gitignore", "/outputs/\n")):
@@ -86,3 +87,43 @@ def test_sigterm_outside_training_ends_the_run_killed(tmp_path):
     run_id = (tmp_path / "id").read_text()
     assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
 
+
+
+@pytest.mark.parametrize("uri", ["file:///{tmp}/mlruns", "{tmp}/mlruns"])
+@pytest.mark.unit
+def test_a_file_store_is_one_line_that_names_the_migration(tmp_path, monkeypatch, uri):
+    from pipeline.errors import ConfigError
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = uri.format(tmp=tmp_path)
+    database = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    with pytest.raises(ConfigError, match=(
+            rf"^the MLflow store {uri} is a file store, which MLflow 3 no longer reads: move it "
+            rf"into SQLite \(mlflow migrate-filestore --source {tmp_path / 'mlruns'} --target "
+            rf"{database}\) and set mlflow.tracking_uri={database}, or set "
+            r"mlflow.tracking_uri=null for the project's SQLite store mlflow.db, or set "
+            r"MLFLOW_ALLOW_FILE_STORE=true to use the file store$")):
+        tracking.connect(uri)
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.unit
+def test_mlflow_allow_file_store_lets_mlflow_use_it(tmp_path, monkeypatch):
+    import mlflow
+
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow.get_tracking_uri())  # restored after
+    previous = mlflow.get_tracking_uri()
+    try:
+        tracking.connect(store.as_uri())
+        experiment_id = tracking.ensure_experiment("files")
+        assert (store / experiment_id / "meta.yaml").is_file()
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@pytest.mark.parametrize("uri", ["databricks", "sqlite:///x.db", "http://127.0.0.1:5000"])
+@pytest.mark.unit
+def test_other_stores_are_not_file_stores(uri):
+    assert tracking.file_store_path(uri) is None
