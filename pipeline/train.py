@@ -244,33 +244,37 @@ def batchnorm_layers(layer: keras.layers.Layer) -> list[keras.layers.BatchNormal
 def recompute_batchnorm_statistics(model: keras.Model, x: np.ndarray, batch_size: int,
                                    seed: int, epoch: int,
                                    images: int = PRECISE_BN_IMAGES) -> int:
-    """Set each BatchNorm layer's moving mean and variance to the average of its batch
-    statistics over up to `images` training images ("precise BN"); return the batches used.
+    """Set each BatchNorm layer's moving mean and variance to the mean and variance of its
+    inputs over up to `images` training images, as the saved model sees them ("precise BN");
+    return the number of layers set.
 
     During training each layer normalises with the statistics of its batch, and keeps for
     inference a moving average that forgets at Keras's momentum of 0.99 per step: after a few
     hundred steps (a few hundred images, small batches) that average still holds much of its
     start (mean 0, variance 1) and of the first, untrained steps, and the saved model predicts
-    nearly one class. Here the trained model runs forward in training mode over batches of
-    the training size, in the order of the epoch after the last, each batch's statistics
-    weighted 1/k by a momentum of (k - 1)/k. No weight other than those statistics changes.
+    nearly one class. Here the layers are set one after the other in the model's order, each
+    from the inputs it gets in inference mode (no dropout, no augmentation, the layers before
+    it already set), over the images in the order of the epoch after the last. No weight
+    other than those statistics changes. BatchNorm inside a nested model (a pretrained
+    backbone) is left as it is.
     """
-    layers = batchnorm_layers(model)
-    if not layers:
-        return 0
-    count = min(len(x), images)
-    batches = max(1, count // batch_size)
-    chosen = epoch_order(len(x), seed, epoch)[:batches * batch_size]
-    momentum = [layer.momentum for layer in layers]
-    try:
-        for k in range(batches):
-            for layer in layers:
-                layer.momentum = k / (k + 1)
-            model(x[np.sort(chosen[k * batch_size:(k + 1) * batch_size])], training=True)
-    finally:
-        for layer, m in zip(layers, momentum):
-            layer.momentum = m
-    return batches
+    layers = [layer for layer in model.layers if layer in batchnorm_layers(model)]
+    chosen = np.sort(epoch_order(len(x), seed, epoch)[:min(len(x), images)])
+    for layer in layers:
+        inputs_of = keras.Model(model.input, layer.input)
+        total = squares = 0.0
+        count = 0
+        for start in range(0, len(chosen), batch_size):
+            batch = x[chosen[start:start + batch_size]]
+            values = keras.ops.convert_to_numpy(inputs_of.predict_on_batch(batch))
+            values = values.reshape(-1, values.shape[-1]).astype(np.float64)
+            total, squares = total + values.sum(axis=0), squares + np.square(values).sum(axis=0)
+            count += len(values)
+        mean = total / count
+        layer.moving_mean.assign(mean.astype(np.float32))
+        layer.moving_variance.assign(np.maximum(squares / count - mean ** 2, 0.0)
+                                     .astype(np.float32))
+    return len(layers)
 
 
 def history_csv(rows: list[dict[str, float]]) -> str:
