@@ -265,3 +265,29 @@ def test_a_mirrored_training_killed_and_resumed_ends_as_the_uninterrupted_one(tm
     result = run([*script, "train", *overrides], REPO)
     assert "resuming after epoch 1" in result.stdout
     assert digest(result.stdout) == expected
+
+
+JAX_RESUME = """
+import sys
+import pytest
+from tests import test_resume as t
+from pipeline import distribute
+from pipeline.checkpoints import Checkpoint
+from pipeline.data import fashion_mnist
+data = fashion_mnist.load(sys.argv[2], verify_md5=False)
+subset = data.x_train[:512], data.y_train[:512]
+model, rows = t.train_once(subset)
+checkpoint = Checkpoint(sys.argv[1])
+with pytest.raises(t.Killed):
+    t.train_once(subset, checkpoint, kill_after=2)
+resumed, resumed_rows = t.train_once(subset, checkpoint)
+print(distribute.weights_digest(model) == distribute.weights_digest(resumed), rows == resumed_rows)
+"""
+
+
+@pytest.mark.slow
+def test_resume_is_exact_on_jax_too(tmp_path, data_dir):
+    pytest.importorskip("jax")
+    result = run([sys.executable, "-c", JAX_RESUME, str(tmp_path / "checkpoint"), str(data_dir)],
+                 REPO, extra_env={"KERAS_BACKEND": "jax"})
+    assert result.stdout.strip().splitlines()[-1] == "True True"
