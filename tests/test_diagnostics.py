@@ -205,3 +205,11 @@ def test_a_collapsed_model_is_flagged_in_the_output_and_in_mlflow(tmp_path, data
     assert last.startswith("warning: 100% of the 300 test predictions are class 'Dress', which "
                            "is 10% of the true labels, though training accuracy reached 0.")
     assert MlflowClient(store).get_run(run_id).data.tags[WARNING_TAG] == last
+
+
+def test_most_predictions_in_one_of_ten_classes_is_a_collapse():
+    actual = np.repeat(np.arange(10), 30)
+    predicted = np.r_[np.full(180, 3), np.arange(120) % 10]  # 64% class 3, 10% of the labels
+    line = collapse_warning(predicted=predicted, actual=actual, train_accuracy=0.9,
+                            split="test")
+    assert line is not None and line.startswith("warning: 64% of the 300 test predictions")
