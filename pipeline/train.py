@@ -258,7 +258,8 @@ def recompute_batchnorm_statistics(model: keras.Model, x: np.ndarray, batch_size
     other than those statistics changes. BatchNorm inside a nested model (a pretrained
     backbone) is left as it is.
     """
-    layers = [layer for layer in model.layers if layer in batchnorm_layers(model)]
+    training = batchnorm_layers(model)
+    layers = [layer for layer in model.layers if layer in training]  # top level only
     chosen = np.sort(epoch_order(len(x), seed, epoch)[:min(len(x), images)])
     for layer in layers:
         inputs_of = keras.Model(model.input, layer.input)

@@ -20,6 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.models import backbone_of, build_pretrained
 from pipeline.train import batchnorm_layers, train
 from tests.conftest import compose, copy_project, mlflow_runs, run, write_image_folder
+from tests.test_resume import Killed, KillAfter
 
 CATS = {"cat": 7, "non-cat": 9}  # sneakers play the cats, ankle boots the rest
 EPOCHS, FREEZE = 3, 1
@@ -126,20 +127,6 @@ def test_weights_that_do_not_fit_the_backbone_fail_with_one_line(weights_files):
 
 
 # --- training phases and exact resume, in-process ---------------------------------------------
-
-class Killed(Exception):
-    """Stands in for kill -9 after an epoch's checkpoint: nothing after it runs."""
-
-
-class KillAfter(keras.callbacks.Callback):
-    def __init__(self, epoch: int):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.epoch:
-            raise Killed
-
 
 def pretrained_model(backbone: str, weights: str) -> keras.Model:
     """The built model as a new process sees it: generators seeded anew."""

@@ -20,6 +20,7 @@ from pipeline.params import composed
 from pipeline.stream import EpochBatches, epoch_order
 from pipeline.train import make_optimizer, recompute_batchnorm_statistics, train
 from tests.conftest import REPO, env, mlflow_runs, run
+from tests.test_faults import start, wait_for_line
 
 EPOCHS = 3
 # Every layer that draws (dropout, augmentation) and BatchNorm, with a cosine schedule: what a
@@ -151,19 +152,14 @@ ARGS = ["data.limit=1500", "trainer.epochs=3", "model=small_cnn", "trainer.batch
         "model.dropout=0.25", "augment=light"]
 
 
-def start(project, *args):
-    return subprocess.Popen(["python", "-m", "pipeline", *args], cwd=project, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def wait_for_line(proc, text):
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if text in line:
-            return
-    raise AssertionError(f"{text!r} never printed:\n{''.join(seen)}\n{proc.stderr.read()}")
+def kill_and_rerun(project, args, line, how=signal.SIGKILL):
+    """Start `python -m pipeline args`, send `how` once it prints `line`, then run the same
+    command to its end; return that run's result."""
+    proc = start(project, *args)
+    wait_for_line(proc, line)
+    os.killpg(proc.pid, how)
+    proc.communicate(timeout=300)
+    return run(["python", "-m", "pipeline", *args], project)
 
 
 def final_state(project):
@@ -180,13 +176,8 @@ def final_state(project):
 def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(project, how):
     run(["python", "-m", "pipeline", *ARGS], project)
     expected = final_state(project)
-    for path in (project / "runs").iterdir():
-        subprocess.run(["rm", "-rf", str(path)], check=True)
-    proc = start(project, *ARGS)
-    wait_for_line(proc, "epoch 2/3")
-    os.killpg(proc.pid, how)
-    proc.communicate(timeout=300)
-    result = run(["python", "-m", "pipeline", *ARGS], project)
+    subprocess.run(["rm", "-rf", str(project / "runs")], check=True)
+    result = kill_and_rerun(project, ARGS, "epoch 2/3", how)
     assert "resuming after epoch 2" in result.stdout
     assert final_state(project) == expected
     states = sorted(r.info.status for r in mlflow_runs(project))
@@ -198,11 +189,7 @@ def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(project, how):
 @pytest.mark.slow
 def test_a_resume_without_op_determinism_says_it_is_not_exact(project):
     args = [*ARGS[:1], "trainer.epochs=2", *ARGS[2:], "trainer.deterministic=false"]
-    proc = start(project, *args)
-    wait_for_line(proc, "epoch 1/2")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=300)
-    result = run(["python", "-m", "pipeline", *args], project)
+    result = kill_and_rerun(project, args, "epoch 1/2")
     assert "train: this resume is not exact" in result.stdout
     resumed = next(r for r in mlflow_runs(project) if "pipeline.resumed_from" in r.data.tags)
     assert resumed.data.tags["pipeline.resumed_exact"] == "false"
@@ -217,11 +204,7 @@ def test_a_sweep_job_killed_and_resumed_ends_as_the_uninterrupted_one(project):
     run(["python", "-m", "pipeline", *SWEEP], project)
     expected = final_state(project)
     subprocess.run(["rm", "-rf", str(project / "runs")], check=True)
-    proc = start(project, *SWEEP)
-    wait_for_line(proc, "epoch 1/2")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=300)
-    result = run(["python", "-m", "pipeline", *SWEEP], project)
+    result = kill_and_rerun(project, SWEEP, "epoch 1/2")
     assert "resuming after epoch 1" in result.stdout
     assert final_state(project) == expected
 
