@@ -44,8 +44,11 @@ class DataConfig:
     limit: int | None = MISSING  # max examples per split; None = all
     val_fraction: float = MISSING  # stratified share of the training set held out for validation
     positive_class: str | None = MISSING  # two classes: the one the detector looks for
+    workers: int | None = None  # processes that decode images in prepare; None = every core
 
     def __post_init__(self) -> None:
+        _require(self.workers is None or self.workers > 0, "data.workers", self.workers,
+                 "must be a positive number of processes, or null for every core", "2")
         _require(self.limit is None or self.limit > 0, "data.limit", self.limit,
                  "must be a positive number of examples per split, or null for all", "1000")
         _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,

@@ -183,5 +183,6 @@ def class_probabilities(outputs: np.ndarray) -> np.ndarray:
 
 def predict_labels(model, x: np.ndarray, batch_size: int) -> np.ndarray:
     """The predicted class of each image, as `evaluate` scores it."""
-    outputs = model.predict(x, batch_size=batch_size, verbose=0)
-    return class_probabilities(outputs).argmax(axis=1)
+    from pipeline.stream import predict
+
+    return class_probabilities(predict(model, x, batch_size)).argmax(axis=1)

@@ -31,7 +31,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from pipeline import backend
+from pipeline import backend, shards
 from pipeline.config import OptimizerConfig
 from pipeline.errors import ConfigError
 
@@ -130,7 +130,8 @@ def shard(arrays: tuple[np.ndarray, ...], process_id: int, processes: int
     if processes == 1:
         return arrays
     size = len(arrays[0]) // processes
-    return tuple(a[process_id::processes][:size] for a in arrays)
+    mine = np.arange(process_id, len(arrays[0]), processes)[:size]
+    return tuple(shards.select(a, mine) for a in arrays)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from pipeline.metric_names import (
     TEST_LOSS,
 )
 from pipeline.prepare import read_meta, read_split
+from pipeline.stream import predict
 
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "learning_curves.png"
@@ -48,6 +49,7 @@ ROC_PR_PNG = "roc_precision_recall.png"
 SHIFT_PNG = "shift_invariance.png"
 FILTERS_PNG = "first_layer_filters.png"
 FEATURE_MAPS_PNG = "feature_maps.png"
+SHIFT_BLOCK_BATCHES = 32  # test images shifted at a time, in batches
 FEATURE_MAP_IMAGES = 4  # test images whose feature maps are drawn: one of each of the first classes
 
 
@@ -126,7 +128,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, class_names: list
     classes, precision, recall and F1 are the positive class's (index 1) and the ROC and
     precision-recall curves score it; with more, the curves are micro-averaged one-vs-rest.
     """
-    probabilities = class_probabilities(model.predict(x, batch_size=batch_size, verbose=0))
+    probabilities = class_probabilities(predict(model, x, batch_size))
     predicted = probabilities.argmax(axis=1)
     matrix = confusion_matrix(y, predicted, len(class_names))
     # equal to the binary cross-entropy of a sigmoid output: -log p or -log(1 - p)
@@ -228,7 +230,8 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str) -> dict:
             model, x_test, y_test, meta["class_names"], cfg.trainer.batch_size)
         shift = invariance.shift_curve(
             lambda images: predict_labels(model, images, cfg.trainer.batch_size),
-            x_test, y_test, cfg.invariance.max_shift, reference=predicted)
+            x_test, y_test, cfg.invariance.max_shift, reference=predicted,
+            block=cfg.trainer.batch_size * SHIFT_BLOCK_BATCHES)
         metrics["shift"] = shift_summary(shift, baseline[1] if baseline else None)
         write_json(out_root / cfg.paths.metrics, metrics)
         write_json(out_root / cfg.paths.per_class, per_class)

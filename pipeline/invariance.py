@@ -48,31 +48,40 @@ def directions(shift: int) -> list[tuple[int, int]]:
     return [(shift, 0), (-shift, 0), (0, shift), (0, -shift)]
 
 
-def shift_curve(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
-                labels: np.ndarray, max_shift: int,
-                reference: np.ndarray | None = None) -> list[dict[str, float]]:
+def shift_curve(predict: Callable[[np.ndarray], np.ndarray], images, labels: np.ndarray,
+                max_shift: int, reference: np.ndarray | None = None,
+                block: int = 4096) -> list[dict[str, float]]:
     """Accuracy and agreement with the unshifted prediction for each shift 0..max_shift.
 
     Args:
         predict: raw images (n, H, W, C) -> predicted class indices (n,).
-        images, labels: the test set.
+        images, labels: the test set: images as an array or shards (`pipeline.shards`), read
+            and shifted `block` images at a time (memory stays bounded by the block).
         max_shift: the largest shift in pixels.
         reference: the predictions on the unshifted images, when the caller has them.
+        block: images shifted at a time; a multiple of `predict`'s batch size keeps its
+            batches those of one call over all images.
 
     Returns:
         One row per shift: {"shift", "accuracy", "agreement"}, each averaged over the four
         directions.
     """
     if reference is None:
-        reference = predict(images)
-    curve = []
-    for shift in range(max_shift + 1):
-        predicted = reference if shift == 0 else np.concatenate(
-            [predict(shift_images(images, rows, cols)) for rows, cols in directions(shift)])
-        repeats = len(predicted) // len(labels)
-        curve.append({"shift": shift,
-                      "accuracy": float(np.mean(predicted == np.tile(labels, repeats))),
-                      "agreement": float(np.mean(predicted == np.tile(reference, repeats)))})
+        reference = np.concatenate([predict(images[start:start + block])
+                                    for start in range(0, len(labels), block)])
+    hits = {shift: [0, 0] for shift in range(1, max_shift + 1)}  # correct, agreeing
+    for start in range(0, len(labels) if max_shift else 0, block):
+        part = images[start:start + block]
+        truth, before = labels[start:start + block], reference[start:start + block]
+        for shift in hits:
+            for rows, cols in directions(shift):
+                predicted = predict(shift_images(part, rows, cols))
+                hits[shift][0] += int(np.sum(predicted == truth))
+                hits[shift][1] += int(np.sum(predicted == before))
+    curve = [{"shift": 0, "accuracy": float(np.mean(reference == labels)), "agreement": 1.0}]
+    total = 4 * len(labels)
+    curve += [{"shift": shift, "accuracy": correct / total, "agreement": agreeing / total}
+              for shift, (correct, agreeing) in hits.items()]
     return curve
 
 

@@ -15,6 +15,12 @@ training images. The class names come from `labels.json` beside a `.keras` file,
 metadata the train stage logs with the MLflow model; without them the class indices serve as
 names. A two-class detector has one sigmoid output, the probability of its
 second class.
+
+The images are read and predicted `BATCH_SIZE` at a time, and each batch's lines are printed
+before the next batch is read: a folder of any size takes the memory of one batch, and the
+first lines come at once. `--json` writes its list record by record, the same document as
+when written whole. An unreadable image stops the command with an error line, after the lines
+of the batches before its own (a `--json` list is then left open).
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import functools
 import json
 import os
 import re
-from collections.abc import Sequence
+import sys
+import textwrap
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
@@ -235,6 +243,30 @@ def load_images(paths: Sequence[Path],
     return images, resized
 
 
+def batches(paths: Sequence[Path], size: int | None = None) -> Iterator[Sequence[Path]]:
+    """`paths` in consecutive batches of `size` (default `BATCH_SIZE`), the last one shorter."""
+    size = size or BATCH_SIZE
+    for start in range(0, len(paths), size):
+        yield paths[start:start + size]
+
+
+def predict_batches(model: keras.Model, paths: Sequence[Path], class_names: Sequence[str]
+                    ) -> Iterator[tuple[Sequence[Path], list[dict], list[bool]]]:
+    """Read and predict the images one batch (`BATCH_SIZE`) at a time: per batch its paths,
+    their predictions (see `predict`) and whether each image was resized.
+
+    A batch is read only when the one before it has been taken, so memory holds one batch of
+    images, however many there are.
+
+    Raises:
+        DataError: a file is not an image Pillow can read (when its batch is reached).
+    """
+    shape = image_shape(model)
+    for batch in batches(paths):
+        images, resized = load_images(batch, shape)
+        yield batch, predict(model, images, class_names), resized
+
+
 def predict(model: keras.Model, images: np.ndarray, class_names: Sequence[str]) -> list[dict]:
     """The predicted class of each image, its probability and every class's probability.
 
@@ -288,6 +320,25 @@ def records(paths: Sequence[Path], predictions: Sequence[dict], resized: Sequenc
             for path, p, was_resized in zip(paths, predictions, resized)]
 
 
+class JsonList:
+    """A JSON list written one item at a time to `out`, in the text `json.dumps(items,
+    indent=2)` gives the whole list, and a newline; `close` ends it."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.count = 0
+
+    def append(self, item: Any) -> None:
+        """Write `item`, after the opening bracket or the comma that goes before it."""
+        self.out.write("[\n" if self.count == 0 else ",\n")
+        self.out.write(textwrap.indent(json.dumps(item, indent=2), "  "))
+        self.count += 1
+
+    def close(self) -> None:
+        """Write the closing bracket (the whole `[]` when no item came)."""
+        self.out.write("\n]\n" if self.count else "[]\n")
+
+
 def _first_line(err: BaseException) -> str:
     """An exception's message on one line, for an error that must stay one line."""
     lines = str(err).strip().splitlines()
@@ -319,15 +370,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.top is not None and not 1 <= args.top <= len(class_names):
         raise PredictError(f"--top {args.top}: the model has {len(class_names)} classes; "
                            f"choose 1 to {len(class_names)}")
-    height, width, channels = image_shape(model)
-    images, resized = load_images(paths, (height, width, channels))
-    predictions = predict(model, images, class_names)
-    if args.json:
-        print(json.dumps(records(paths, predictions, resized, args.top), indent=2))
-        return
-    for path, prediction, was_resized in zip(paths, predictions, resized):
-        print(format_line(path, prediction, args.top or 1,
-                          f"{height}x{width}" if was_resized else None))
+    height, width, _ = image_shape(model)
+    listing = JsonList(sys.stdout) if args.json else None
+    for batch, predictions, resized in predict_batches(model, paths, class_names):
+        if listing is not None:
+            for record in records(batch, predictions, resized, args.top):
+                listing.append(record)
+        else:
+            for path, prediction, was_resized in zip(batch, predictions, resized):
+                print(format_line(path, prediction, args.top or 1,
+                                  f"{height}x{width}" if was_resized else None))
+        sys.stdout.flush()  # this batch's lines out before the next batch is read
+    if listing is not None:
+        listing.close()
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

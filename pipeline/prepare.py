@@ -1,7 +1,10 @@
 """Stage `prepare`: decode and validate the raw data, subsample, split, record pixel statistics.
 
-Writes `train.npz`, `val.npz`, `test.npz` (uint8 images, integer labels) and `meta.json`
-(class names, input shape, split sizes, pixel mean and std) under `paths.prepared`.
+Writes the folders `train/`, `val/`, `test/` (uint8 images in `.npy` shards, integer labels:
+`pipeline.shards`) and `meta.json` (class names, input shape, split sizes and digests, pixel
+mean and std) under `paths.prepared`. Images from an image folder are decoded in
+`data.workers` processes as they are written, so memory holds a few shards whatever the
+number of images; the shards are the same whatever the number of workers.
 The pixel scaling itself is part of the model (its first layer, made in `build`), so the saved
 model takes raw pixels and every later use of it preprocesses exactly as training did.
 """
@@ -14,10 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config, load_params
+from pipeline import shards
 from pipeline.data import Dataset, load_dataset
+from pipeline.data.image_folder import ImageFiles, decoded, resized_note
 from pipeline.data.split import stratified_order
 from pipeline.errors import DataError, run_cli
-from pipeline.files import atomic_dir, read_arrays, read_json, write_arrays, write_json
+from pipeline.files import atomic_dir, read_json, write_json
 
 SPLITS = ("train", "val", "test")
 IMBALANCE_NOTE_AT = 1.5
@@ -26,9 +31,11 @@ META_FILE = "meta.json"
 
 @dataclass
 class Prepared:
-    """The three splits as (images, labels) pairs, and what later stages need to know."""
+    """The three splits as (images, labels) pairs, and what later stages need to know. The
+    images are arrays, or image files not yet decoded (then `meta` lacks the pixel statistics
+    until `write_prepared` has decoded them)."""
 
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    splits: dict[str, tuple[np.ndarray | ImageFiles, np.ndarray]]
     meta: dict
     notes: list[str] = field(default_factory=list)  # what the data source had to say
 
@@ -46,7 +53,6 @@ def prepare(data: Dataset, limit: int | None, val_fraction: float, seed: int) ->
         "test": (data.x_test[test_idx], data.y_test[test_idx]),
     }
     check_splits(splits, data.class_names, limit, val_fraction)
-    x_train = splits["train"][0].astype(np.float64) / 255.0
     num_classes = len(data.class_names)
     counts = np.bincount(splits["train"][1], minlength=num_classes)
     meta = {
@@ -57,18 +63,30 @@ def prepare(data: Dataset, limit: int | None, val_fraction: float, seed: int) ->
         "train_class_counts": counts.tolist(),
         # largest over smallest class: 1.0 is balanced
         "imbalance_ratio": float(counts.max() / max(counts.min(), 1)),
-        # statistics of the training images, for the model's input scaling
-        "pixel_mean": float(x_train.mean()),
-        "pixel_std": float(x_train.std()),
     }
+    x_train = splits["train"][0]
+    if isinstance(x_train, np.ndarray):
+        meta.update(pixel_statistics(shards.summarize(x_train)))
     return Prepared(splits=splits, meta=meta)
 
 
-def check_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str],
+def pixel_statistics(summary: shards.SplitSummary) -> dict:
+    """The training images' statistics, for the model's input scaling.
+
+    Raises:
+        DataError: every training pixel has one value.
+    """
+    if summary.pixel_min == summary.pixel_max:
+        raise DataError(f"every training pixel has the value {summary.pixel_min}: the images "
+                        "carry nothing to learn; check the data source")
+    return {"pixel_mean": summary.pixel_mean(), "pixel_std": summary.pixel_std()}
+
+
+def check_splits(splits: dict[str, tuple], class_names: list[str],
                  limit: int | None, val_fraction: float) -> None:
-    """Refuse splits that training or evaluation cannot use: an empty split, a class missing
-    from the training or test split (a model cannot learn it, nor be scored on it), or
-    training images that all have one value.
+    """Refuse splits that training or evaluation cannot use: an empty split, or a class
+    missing from the training or test split (a model cannot learn it, nor be scored on it).
+    Labels only: this runs before a single image is decoded.
 
     Raises:
         DataError: naming the split, the counts and the settings to change.
@@ -87,23 +105,52 @@ def check_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: 
                             f"{', '.join(map(repr, missing))} ({sizes}; {settings}); add "
                             "images of each class, raise data.limit (or data.test_fraction), "
                             "or fix the labels")
-    x_train = splits["train"][0]
-    if x_train.min() == x_train.max():
-        raise DataError(f"every training pixel has the value {x_train.flat[0]}: the images "
-                        "carry nothing to learn; check the data source")
 
 
-def write_prepared(prepared: Prepared, out_dir: Path) -> None:
-    """Write the splits and meta.json; the folder appears whole or not at all."""
+def image_chunks(x: np.ndarray | ImageFiles, workers: int | None, resized: list[int]):
+    """The images of `x` in order, a shard or a decoded chunk at a time; counts the images
+    decoded at another size in `resized[0]`."""
+    if isinstance(x, np.ndarray):
+        step = shards.shard_length(x.shape[1:])
+        for start in range(0, len(x), step):
+            yield x[start:start + step]
+        return
+    for images, count in decoded(x, workers):
+        resized[0] += count
+        yield images
+
+
+def write_prepared(prepared: Prepared, out_dir: Path, workers: int | None = None) -> None:
+    """Write the splits as shards and meta.json (with the pixel statistics of the training
+    shards and each split's digest); the folder appears whole or not at all.
+
+    Raises:
+        DataError: an image that cannot be read, a worker that died, a full disk, or training
+            images that all have one value; the previous output is left as it was.
+    """
+    resized, total, size = [0], 0, None
     with atomic_dir(out_dir) as tmp:
+        digests = {}
         for name, (x, y) in prepared.splits.items():
-            write_arrays(tmp / f"{name}.npz", x=x, y=y.astype(np.int64))
+            writer = shards.ShardWriter(tmp / name, x.shape[1:])
+            for images in image_chunks(x, workers, resized):
+                writer.add(images)
+            summary = writer.close(y)
+            digests[name] = summary.digest
+            if name == "train":
+                prepared.meta.update(pixel_statistics(summary))
+            if isinstance(x, ImageFiles):
+                total, size = total + len(x), x.size
+        prepared.meta["digests"] = digests
         write_json(tmp / META_FILE, prepared.meta)
+    note = resized_note(resized[0], total, size) if size else None
+    if note:
+        prepared.notes.insert(0, note)
 
 
-def read_split(prepared_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    arrays = read_arrays(Path(prepared_dir) / f"{name}.npz")
-    return arrays["x"], arrays["y"]
+def read_split(prepared_dir: Path, name: str) -> tuple[shards.ShardedImages, np.ndarray]:
+    """The images (memory-mapped shards, read as they are indexed) and labels of a split."""
+    return shards.read_split(Path(prepared_dir) / name)
 
 
 def read_meta(prepared_dir: Path) -> dict:
@@ -122,7 +169,7 @@ def prepare_configured(cfg: Config, root: Path) -> Prepared:
 def run(cfg: Config, root: Path, out_root: Path) -> Prepared:
     """Load `cfg.data` (relative paths from `root`), prepare it, write it under `out_root`."""
     prepared = prepare_configured(cfg, root)
-    write_prepared(prepared, out_root / cfg.paths.prepared)
+    write_prepared(prepared, out_root / cfg.paths.prepared, cfg.data.workers)
     sizes = ", ".join(f"{k} {v}" for k, v in prepared.meta["sizes"].items())
     print(f"prepare: {cfg.data.name}: {sizes} -> {cfg.paths.prepared}/", flush=True)
     for note in [*prepared.notes, imbalance_note(prepared.meta)]:

@@ -72,3 +72,27 @@ class EpochBatches(keras.utils.PyDataset):
         if self.weights is not None:
             batch += (self.weights[chosen],)
         return batch
+
+
+class OrderedBatches(keras.utils.PyDataset):
+    """The images (and labels) of a split in order, `batch_size` at a time: validation and
+    prediction over arrays or shards (`pipeline.shards`) alike, reading one batch at a time."""
+
+    def __init__(self, x, y: np.ndarray | None, batch_size: int):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        part = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return self.x[part] if self.y is None else (self.x[part], self.y[part])
+
+
+def predict(model: keras.Model, x, batch_size: int) -> np.ndarray:
+    """`model.predict` over arrays or shards, a batch read at a time."""
+    if isinstance(x, np.ndarray):
+        return model.predict(x, batch_size=batch_size, verbose=0)
+    return model.predict(OrderedBatches(x, None, batch_size), verbose=0)

@@ -52,7 +52,7 @@ from pipeline.metric_names import (
 )
 from pipeline.models import backbone_of, set_backbone_frozen
 from pipeline.prepare import META_FILE, read_meta, read_split
-from pipeline.stream import EpochBatches, epoch_order
+from pipeline.stream import EpochBatches, OrderedBatches, epoch_order
 
 BACKEND_PACKAGES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 # The lecture's cost J: cross-entropy averaged over the batch, for a softmax over the classes
@@ -225,7 +225,7 @@ def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
                                    class_weight=class_weight)
             with stop_cleanly_on_signals(model) as stop_on_signal:
                 model.fit(batches, steps_per_epoch=steps_per_epoch, shuffle=False,
-                          validation_data=val_data, validation_batch_size=batch_size,
+                          validation_data=OrderedBatches(*val_data, batch_size),
                           initial_epoch=done, epochs=phase.end,
                           callbacks=[LossGuard(), log, stop_on_signal], verbose=0)
             done = phase.end

@@ -70,3 +70,27 @@ def test_time_to_accuracy_reads_every_seed_back_from_mlflow(tmp_path, data_dir):
     assert [r[0] for r in rows] == ["1", "2"], result.stdout
     assert "experiment=quick: mean test accuracy 0." in result.stdout
     assert "over 2 seeds" in result.stdout
+
+
+@pytest.mark.slow
+def test_data_scale_ends_with_the_decode_limit_and_memory_line(tmp_path):
+    out = tmp_path / "results.md"
+    result = run(["python", "benchmarks/data_scale.py", "--sizes", "40", "80", "--classes", "4",
+                  "--image-size", "32", "--workdir", str(tmp_path / "work"),
+                  "--results", str(out)], REPO, timeout=600)
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"data scale: prepare \d+\.\d\d of the decode limit; peak memory "
+                        r"\d+\.\d GB at 80 photos, growth \d+\.\d\dx from 40 to 80", last), \
+        result.stdout
+    recorded = out.read_text()
+    assert ("`python benchmarks/data_scale.py --sizes 40 80 --image-size 32 --classes 4`"
+            in recorded)
+    for photos in (40, 80):
+        for way in (r"decode limit \(Pillow, multiprocessing\.Pool\)", "prepare",
+                    "image_dataset_from_directory", r"training epoch \(\d+ images\)"):
+            assert re.search(rf"^\| {photos} \| {way} \| \d+ \| \d+\.\d s \| \d+\.\d\d GB \| ",
+                             recorded, re.MULTILINE), (photos, way, recorded)
+    # 32x32x3 uint8 pixels per image, plus the shards' headers and the labels
+    disk = re.search(r"^\| 80 \| prepare \| .* \| (\d+\.\d) kB \|$", recorded, re.MULTILINE)
+    assert 3.0 < float(disk.group(1)) < 3.5
+    assert last in recorded

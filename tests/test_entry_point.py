@@ -195,5 +195,5 @@ def test_corrupt_data_fails_dvc_repro_without_outputs(project):
     result = run(["dvc", "repro"], project, check=False)
     assert result.returncode != 0
     assert "error: " in result.stderr and "train-labels-idx1-ubyte" in result.stderr
-    assert not (project / "outputs").exists() or not any((project / "outputs").rglob("*.npz"))
+    assert not (project / "outputs").exists() or not any((project / "outputs").rglob("*.npy"))
     assert mlflow_runs(project) == []

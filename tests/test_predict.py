@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -24,7 +25,9 @@ from pipeline import tracking
 from pipeline.errors import DataError
 from pipeline.models import build_model
 from pipeline.predict import (
+    JsonList,
     PredictError,
+    batches,
     find_images,
     format_line,
     image_shape,
@@ -32,6 +35,7 @@ from pipeline.predict import (
     load_predictor,
     main,
     predict,
+    predict_batches,
     records,
     top_classes,
 )
@@ -387,6 +391,154 @@ def test_main_prints_the_top_k_and_refuses_k_beyond_the_classes(classifier, imag
     with pytest.raises(PredictError, match=r"--top 4: the model has 3 classes; choose 1 to 3"):
         main([str(classifier[1]), str(images.paths[0]), "--top", "4"])
     assert capsys.readouterr().out == ""
+
+
+# --- streaming: one batch at a time ----------------------------------------------------------
+
+BATCH = 4  # BATCH_SIZE in the tests that predict several batches
+
+
+@pytest.fixture(scope="module")
+def many(tmp: Path) -> list[Path]:
+    """Two batches of BATCH images and three more: the pictures shifted one more pixel each."""
+    folder = tmp / "many"
+    folder.mkdir()
+    names = list(PICTURES)
+    for i in range(2 * BATCH + 3):
+        Image.fromarray(np.roll(gray(names[i % len(names)]), i, axis=1)).save(
+            folder / f"{i:02d}.png")
+    return find_images([folder])
+
+
+@pytest.fixture(scope="module")
+def many_expected(classifier, many) -> np.ndarray:
+    """The classifier's probabilities for `many`, predicted all at once; clear winners, not
+    all the same."""
+    probabilities = classifier[0].predict(load_images(many, CLASSIFIER_SHAPE)[0],
+                                          batch_size=len(many), verbose=0)
+    top2 = np.sort(probabilities, axis=1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() > 1e-3, "near ties: choose other pictures"
+    assert len(set(probabilities.argmax(axis=1))) > 1, "one class for all: choose others"
+    return probabilities
+
+
+@pytest.fixture
+def small_batches(monkeypatch):
+    """predict reads and predicts BATCH images at a time."""
+    monkeypatch.setattr("pipeline.predict.BATCH_SIZE", BATCH)
+
+
+class FlushedOnly:
+    """A stdout whose `flushed` holds only what was written and then flushed."""
+
+    def __init__(self):
+        self.pending: list[str] = []
+        self.flushed = ""
+
+    def write(self, text: str) -> int:
+        self.pending.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.flushed += "".join(self.pending)
+        self.pending.clear()
+
+
+@pytest.mark.unit
+def test_batches_split_the_paths_in_order_the_last_one_shorter():
+    assert [list(b) for b in batches(list(range(11)), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7],
+                                                               [8, 9, 10]]
+    assert [list(b) for b in batches(list(range(8)), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert list(batches([], 4)) == []
+
+
+@pytest.mark.unit
+def test_predict_batches_reads_a_batch_only_when_the_one_before_is_taken(
+        classifier, many, small_batches, monkeypatch):
+    read: list[int] = []  # the size of each batch read
+
+    def recording(paths, shape):
+        read.append(len(paths))
+        return load_images(paths, shape)
+
+    monkeypatch.setattr("pipeline.predict.load_images", recording)
+    stream = predict_batches(classifier[0], many, FILE_NAMES)
+    assert read == []
+    first, predictions, resized = next(stream)
+    assert read == [BATCH] and list(first) == many[:BATCH]
+    assert len(predictions) == len(resized) == BATCH
+    assert [len(batch) for batch, _, _ in stream] == [BATCH, 3]
+    assert read == [BATCH, BATCH, 3]
+
+
+@pytest.mark.unit
+def test_images_beyond_one_batch_give_one_line_each_as_predicted_all_at_once(
+        classifier, many, many_expected, small_batches, capsys):
+    main([str(classifier[1]), str(many[0].parent)])
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert len(many) == 2 * BATCH + 3
+    assert [row[0] for row in rows] == [str(p) for p in many]
+    assert [row[1] for row in rows] == classes(many_expected)
+    np.testing.assert_allclose([float(row[2]) for row in rows], many_expected.max(axis=1),
+                               atol=1e-4)
+    assert all(len(row) == 3 for row in rows)
+
+
+@pytest.mark.parametrize("options, per_image", [([], "\n"), (["--json"], '"path": ')])
+@pytest.mark.unit
+def test_each_batch_is_printed_and_flushed_before_the_next_is_read(
+        classifier, many, small_batches, monkeypatch, options, per_image):
+    stdout = FlushedOnly()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    shown: list[int] = []  # images on stdout, flushed, as each batch is read
+
+    def counting(paths, shape):
+        shown.append(stdout.flushed.count(per_image))
+        return load_images(paths, shape)
+
+    monkeypatch.setattr("pipeline.predict.load_images", counting)
+    main([str(classifier[1]), str(many[0].parent), *options])
+    assert shown == [0, BATCH, 2 * BATCH]
+    assert stdout.flushed.count(per_image) == len(many)
+    assert stdout.pending == []
+
+
+@pytest.mark.unit
+def test_json_over_several_batches_is_one_document_with_a_record_per_image(
+        classifier, many, many_expected, small_batches, capsys):
+    main([str(classifier[1]), str(many[0].parent), "--json"])
+    text = capsys.readouterr().out
+    out = json.loads(text)
+    assert text == json.dumps(out, indent=2) + "\n"  # as when the list was written whole
+    assert [r["path"] for r in out] == [str(p) for p in many]
+    assert [r["class"] for r in out] == classes(many_expected)
+    np.testing.assert_allclose([list(r["probabilities"].values()) for r in out], many_expected,
+                               atol=1e-5)
+    assert [r["resized"] for r in out] == [False] * len(many)
+
+
+@pytest.mark.parametrize("items", [[], [{"path": "a.png", "p": {"x": 0.5}}],
+                                   [{"a": [1, 2], "b": {}}, "x\ny", None, 1.5]])
+@pytest.mark.unit
+def test_json_list_writes_what_json_dumps_writes_for_the_whole_list(items):
+    out = io.StringIO()
+    listing = JsonList(out)
+    for item in items:
+        listing.append(item)
+    listing.close()
+    assert out.getvalue() == json.dumps(items, indent=2) + "\n"
+
+
+@pytest.mark.unit
+def test_an_unreadable_image_stops_at_its_batch_after_the_lines_before_it(
+        classifier, many, small_batches, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(np.random.default_rng(4).bytes(300))
+    paths = [*many[:BATCH], *many[BATCH:2 * BATCH - 1], corrupt, *many[2 * BATCH:]]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(corrupt))} is not a readable image"):
+        main([str(classifier[1]), *map(str, paths)])
+    printed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert printed == [str(p) for p in many[:BATCH]]
 
 
 # --- models from MLflow --------------------------------------------------------------------

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +21,8 @@ from pipeline.errors import DataError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PIL_MODES = {"rgb": "RGB", "grayscale": "L"}
+DECODE_CHUNK = 16  # images a worker decodes per task
+IN_FLIGHT_PER_WORKER = 4  # tasks queued or done but not yet written, per worker
 
 
 def class_folders(path: Path) -> list[Path]:
@@ -88,11 +98,94 @@ def converted(image, mode: str):
     return image.convert(mode)
 
 
-def read_folder(path: Path, class_names: list[str], size: tuple[int, int],
-                mode: str) -> tuple[np.ndarray, np.ndarray, int, list[Path]]:
-    """All images under the class subfolders of `path`: (images, labels, number resized,
-    the other files, which are not images)."""
-    images, labels, resized, others = [], [], 0, []
+@dataclass(frozen=True)
+class ImageFiles:
+    """Image files not yet decoded, with their target size and colour mode: what an image
+    folder's split is until `prepare` decodes it (in worker processes, `decoded`)."""
+
+    paths: tuple[Path, ...]
+    size: tuple[int, int]  # (height, width)
+    mode: str  # "rgb" | "grayscale"
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), *self.size, 3 if self.mode == "rgb" else 1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index) -> ImageFiles:
+        chosen = np.asarray(index).reshape(-1) if not isinstance(index, slice) else index
+        paths = np.asarray(self.paths, dtype=object)[chosen]
+        return ImageFiles(tuple(paths), self.size, self.mode)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        images = np.concatenate([chunk for chunk, _ in decoded(self, workers=1)]
+                                or [np.empty((0, *self.shape[1:]), np.uint8)])
+        return images if dtype is None else images.astype(dtype)
+
+
+def decode_chunk(paths: tuple[Path, ...], size: tuple[int, int], mode: str
+                 ) -> tuple[np.ndarray, int]:
+    """The images of `paths` as one uint8 array, and how many were resized."""
+    images = np.empty((len(paths), *size, 3 if mode == "rgb" else 1), dtype=np.uint8)
+    resized = 0
+    for i, path in enumerate(paths):
+        images[i], was_resized = read_image(path, size, mode)
+        resized += was_resized
+    return images, resized
+
+
+def _ignore_interrupt() -> None:
+    """Workers leave Ctrl-C to the main process, which stops them all."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def worker_count(workers: int | None) -> int:
+    """`data.workers`, or every core this process may use."""
+    return workers or len(os.sched_getaffinity(0))
+
+
+def decoded(files: ImageFiles, workers: int | None = None,
+            chunk: int = DECODE_CHUNK) -> Iterator[tuple[np.ndarray, int]]:
+    """(images, number resized) of `files`, `chunk` at a time, in order, decoded by `workers`
+    processes with at most a few chunks per worker in flight (memory stays bounded whatever
+    the number of files). The result does not depend on the number of workers.
+
+    Raises:
+        DataError: a file is not a readable image (named), or a worker died.
+    """
+    parts = [files.paths[i:i + chunk] for i in range(0, len(files), chunk)]
+    workers = min(worker_count(workers), max(len(parts), 1))
+    if workers == 1:
+        for part in parts:
+            yield decode_chunk(part, files.size, files.mode)
+        return
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_ignore_interrupt)
+    pending: deque = deque()
+    try:
+        for part in parts:
+            pending.append((part, executor.submit(decode_chunk, part, files.size, files.mode)))
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                yield pending.popleft()[1].result()
+        while pending:
+            yield pending.popleft()[1].result()
+    except BrokenProcessPool:
+        where = pending[0][0][0] if pending else files.paths[-1]
+        raise DataError(f"an image-decoding worker died (killed, or out of memory) near "
+                        f"{where}; run prepare again, with fewer data.workers if memory is "
+                        "short") from None
+    finally:
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            process.terminate()  # on an error or Ctrl-C: stop the others at once
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def list_folder(path: Path, class_names: list[str]) -> tuple[list[Path], np.ndarray, list[Path]]:
+    """The image files under the class subfolders of `path` with their labels, and the other
+    files, which are not images."""
+    files, labels, others = [], [], []
     for label, name in enumerate(class_names):
         folder = path / name
         if not folder.is_dir():
@@ -101,11 +194,9 @@ def read_folder(path: Path, class_names: list[str], size: tuple[int, int],
             if file.suffix.lower() not in EXTENSIONS:
                 others.append(file)
                 continue
-            array, was_resized = read_image(file, size, mode)
-            images.append(array)
+            files.append(file)
             labels.append(label)
-            resized += was_resized
-    return np.stack(images), np.asarray(labels, dtype=np.int64), resized, others
+    return files, np.asarray(labels, dtype=np.int64), others
 
 
 def skipped_note(others: list[Path]) -> str | None:
@@ -118,11 +209,13 @@ def skipped_note(others: list[Path]) -> str | None:
 
 
 def load(cfg: ImageFolderConfig, root: Path, seed: int) -> Dataset:
-    """Load the training folder and the test folder, or a seeded stratified test split."""
+    """The training folder and the test folder, or a seeded stratified test split, as image
+    files that `prepare` decodes."""
     path, test_path = root / cfg.path, root / cfg.test_path
     class_names = [p.name for p in class_folders(path)]
-    size, notes = (cfg.image_size[0], cfg.image_size[1]), []
-    x, y, resized, others = read_folder(path, class_names, size, cfg.color_mode)
+    size = (cfg.image_size[0], cfg.image_size[1])
+    paths, y, others = list_folder(path, class_names)
+    x = ImageFiles(tuple(paths), size, cfg.color_mode)
     if test_path.resolve() == path.resolve():
         train_idx, test_idx = split_off(y, cfg.test_fraction, np.random.default_rng(seed))
         x_train, y_train, x_test, y_test = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
@@ -132,11 +225,15 @@ def load(cfg: ImageFolderConfig, root: Path, seed: int) -> Dataset:
             raise DataError(f"test folder {test_path} has classes {extra} that the training "
                             f"folder {path} lacks")
         x_train, y_train = x, y
-        x_test, y_test, test_resized, test_others = read_folder(test_path, class_names, size,
-                                                                cfg.color_mode)
-        resized, others = resized + test_resized, others + test_others
-    if resized:
-        notes.append(f"resized {resized} of {len(x_train) + len(x_test)} images to "
-                     f"{size[0]}x{size[1]}")
-    notes.extend(filter(None, [skipped_note(others)]))
+        test_paths, y_test, test_others = list_folder(test_path, class_names)
+        x_test = ImageFiles(tuple(test_paths), size, cfg.color_mode)
+        others = others + test_others
+    notes = list(filter(None, [skipped_note(others)]))
     return Dataset(x_train, y_train, x_test, y_test, class_names, notes=notes)
+
+
+def resized_note(resized: int, total: int, size: tuple[int, int]) -> str | None:
+    """A line on the images decoded at another size than `data.image_size`."""
+    if not resized:
+        return None
+    return f"resized {resized} of {total} images to {size[0]}x{size[1]}"
