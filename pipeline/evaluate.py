@@ -224,6 +224,8 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str) -> dict:
         run_id = active.info.run_id
         import mlflow
 
+        tracking.log_datasets(cfg, tracking.data_location(cfg, root), meta, ("test",))
+
         baseline_run = cfg.invariance.baseline_run
         baseline = invariance.fetch_baseline(baseline_run, cfg) if baseline_run else None
         metrics, per_class, matrix, predicted, curves = evaluate(

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -433,6 +434,35 @@ def evaluation_run(cfg: Config, root: Path, trained_run_id: str, entry_point: st
         print(f"evaluate: {', '.join(changed)} differ from training run {trained_run_id}; "
               f"the results go to run {run.info.run_id}, tagged {EVALUATES_TAG}", flush=True)
         yield run
+
+
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+DIGEST_CHARS = 12  # of a split's SHA-256: what MLflow's Dataset column shows
+
+
+def log_datasets(cfg: Config, data_path: Path, meta: dict, splits: tuple[str, ...]) -> None:
+    """Record the prepared `splits` as the active run's inputs with MLflow's dataset tracking:
+    the data source's name, the split's digest (of its images and labels, from `prepare`),
+    the raw data's location as the source and the image shape as the schema; the context
+    says which split. The MLflow UI's Dataset column then shows which data each run used."""
+    import mlflow
+    import numpy as np
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types.schema import Schema, TensorSpec
+
+    schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, *meta["input_shape"]), "image")])
+    with warnings.catch_warnings():  # a local path: MLflow registers two equal source kinds
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(data_path).resolve()))
+    for split in splits:
+        digest = meta.get("digests", {}).get(split)
+        if digest is None:  # prepared before splits had digests
+            continue
+        dataset = MetaDataset(source, name=cfg.data.name, digest=digest[:DIGEST_CHARS],
+                              schema=schema)
+        mlflow.log_input(dataset, context=DATASET_CONTEXTS[split],
+                         tags={"split": split, "examples": str(meta["sizes"][split])})
 
 
 WARNING_TAG = "pipeline.warning"  # a run that looks broken: what happened and what to try

@@ -393,6 +393,7 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
 
         resume_after(checkpoint, active.info.run_id, mlflow.log_metrics,
                      cfg.trainer.deterministic)
+        tracking.log_datasets(cfg, data_path, read_meta(prepared), ("train", "val"))
         mlflow.log_artifact(str(build_dir / REPORT_MD))
         mlflow.log_artifact(str(build_dir / REPORT_JSON))
         mlflow.set_tags(replicas.tags(cfg.trainer.batch_size, cfg.optimizer.learning_rate))

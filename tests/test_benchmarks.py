@@ -1,8 +1,8 @@
 """The benchmark scripts run end to end on tiny settings and print what the README quotes.
 
 The figures themselves come from full runs (benchmarks/results.md); these tests keep the
-scripts working: `make bench`'s ratio line, the interleaved training-options table and the
-time-to-accuracy report read back from MLflow.
+scripts working: `make bench`'s ratio line, the interleaved training-options table, the
+time-to-accuracy report read back from MLflow and `make bench-data`'s closing line.
 """
 
 from __future__ import annotations

@@ -37,6 +37,14 @@ def test_override_run_logs_its_params_and_metrics(project):
     assert metrics["test_accuracy"] == pytest.approx(run_.data.metrics["test_accuracy"])
     assert not (project / "outputs").exists()  # DVC's outputs are left alone
     assert "epoch 1/1" in result.stdout and "test accuracy" in result.stdout
+    meta = json.loads((outputs / "prepared" / "meta.json").read_text())
+    inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset
+              for i in run_.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation", "test"}  # MLflow's context tag
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
+        assert inputs[context].name == "fashion_mnist"
+        assert inputs[context].digest == meta["digests"][split][:12]
+        assert json.loads(inputs[context].source)["uri"].endswith("data")
 
 
 @pytest.mark.slow
