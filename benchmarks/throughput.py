@@ -3,11 +3,12 @@
     make bench            # python benchmarks/throughput.py [--rounds 3 --epochs 2 --images 12800]
 
 Both ways train the same model (the default config's) from the same initial weights on the same
-prepared Fashion-MNIST arrays for the same number of steps, alternating bare / pipeline so that
+prepared Fashion-MNIST images for the same number of steps, alternating bare / pipeline so that
 drifts in machine load hit both. The pipeline way is the train stage's own `train()` inside an
-MLflow run with everything on (per-epoch MLflow logging, the loss guard, the resumable
-checkpoint, the progress line); the bare way is `model.compile` + `model.fit` on in-memory
-arrays with `verbose=0`. The last line is `pipeline/bare throughput ratio: X.XX`.
+MLflow run with everything on, reading its batches from the prepared shards on disk as the
+stage does (the seeded order of each epoch, per-epoch MLflow logging, the loss guard, the
+resumable checkpoint, the progress line); the bare way is `model.compile` + `model.fit` on
+in-memory arrays with `verbose=0`. The last line is `pipeline/bare throughput ratio: X.XX`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from pipeline import backend, tracking  # noqa: E402
 from pipeline.build import model_from_config  # noqa: E402
 from pipeline.checkpoints import Checkpoint  # noqa: E402
 from pipeline.params import composed  # noqa: E402
-from pipeline.prepare import prepare_configured  # noqa: E402
+from pipeline.prepare import prepare_configured, read_split  # noqa: E402
+from pipeline.shards import ShardWriter  # noqa: E402
 from pipeline.train import compile_model, make_optimizer, train  # noqa: E402
 
 
@@ -101,6 +103,12 @@ def main() -> None:
     prepared = prepare_configured(cfg, ROOT)
     data = {"train": tuple(a[:args.images] for a in prepared.splits["train"]),
             "val": tuple(a[:1000] for a in prepared.splits["val"])}
+    on_disk = {}
+    for split, (x, y) in data.items():  # the train stage's input: shards, read per batch
+        writer = ShardWriter(workdir / "prepared" / split, x.shape[1:])
+        writer.add(x)
+        writer.close(y)
+        on_disk[split] = read_split(workdir / "prepared", split)
     initial = model_from_config(cfg.model, prepared.meta, cfg.augment)
     weights = initial.get_weights()
     images = args.epochs * (len(data["train"][1]) // cfg.trainer.batch_size) \
@@ -113,7 +121,7 @@ def main() -> None:
             model.set_weights(weights)
             seconds, first_step, log_cost = (
                 bare_fit(model, cfg, data, args.epochs) if way == "bare"
-                else through_pipeline(model, cfg, data, args.epochs, workdir))
+                else through_pipeline(model, cfg, on_disk, args.epochs, workdir))
             results[way].append((seconds, first_step, log_cost))
             print(f"round {r + 1} {way:8s} {images / seconds:7.0f} images/s  "
                   f"first step {first_step:.2f}s  total {seconds:.1f}s", flush=True)
