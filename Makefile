@@ -6,8 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help bench gpu-check setup data browser params repro test test-unit test-slow test-full \
-	clean
+.PHONY: help bench bench-data gpu-check setup data browser params repro test test-unit test-slow \
+	test-full clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets, one line each
@@ -73,6 +73,12 @@ test-full: data ## the default config on all of Fashion-MNIST reaches the README
 # Throughput of the train stage against a bare model.fit; appends to benchmarks/results.md
 bench: data ## throughput of the train stage against a bare model.fit
 	$(BIN)/python benchmarks/throughput.py $(ARGS)
+
+# Prepare and a training epoch at 5,000 and 20,000 synthetic 400x300 photos (224 px) against
+# the decode limit and image_dataset_from_directory; appends to benchmarks/results.md:
+# make bench-data ARGS='--large' (adds 50,000), ARGS='--sizes 200 400' (a quick look)
+bench-data: setup ## prepare and training at 5,000/20,000 photos against the decode limit
+	$(BIN)/python benchmarks/data_scale.py $(ARGS)
 
 # Throughput and time to 93%/94% test accuracy on one GPU, Keras on JAX (under 5 minutes):
 # make gpu-check ARGS='--batch-size 2048'

@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.config import Config, load_params
 from pipeline import shards
 from pipeline.data import Dataset, load_dataset
-from pipeline.data.image_folder import ImageFiles, decoded, resized_note
+from pipeline.data.image_folder import Decoder, ImageFiles, resized_note
 from pipeline.data.split import stratified_order
 from pipeline.errors import DataError, run_cli
 from pipeline.files import atomic_dir, read_json, write_json
@@ -107,7 +107,7 @@ def check_splits(splits: dict[str, tuple], class_names: list[str],
                             "or fix the labels")
 
 
-def image_chunks(x: np.ndarray | ImageFiles, workers: int | None, resized: list[int]):
+def image_chunks(x: np.ndarray | ImageFiles, decoder: Decoder, resized: list[int]):
     """The images of `x` in order, a shard or a decoded chunk at a time; counts the images
     decoded at another size in `resized[0]`."""
     if isinstance(x, np.ndarray):
@@ -115,7 +115,7 @@ def image_chunks(x: np.ndarray | ImageFiles, workers: int | None, resized: list[
         for start in range(0, len(x), step):
             yield x[start:start + step]
         return
-    for images, count in decoded(x, workers):
+    for images, count in decoder.decoded(x):
         resized[0] += count
         yield images
 
@@ -129,11 +129,11 @@ def write_prepared(prepared: Prepared, out_dir: Path, workers: int | None = None
             images that all have one value; the previous output is left as it was.
     """
     resized, total, size = [0], 0, None
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, Decoder(workers) as decoder:
         digests = {}
         for name, (x, y) in prepared.splits.items():
             writer = shards.ShardWriter(tmp / name, x.shape[1:])
-            for images in image_chunks(x, workers, resized):
+            for images in image_chunks(x, decoder, resized):
                 writer.add(images)
             summary = writer.close(y)
             digests[name] = summary.digest

@@ -122,7 +122,7 @@ class ShardWriter:
             return
         shard = self._buffer[:self._filled]
         self._sums.add(shard)
-        np.save(self.folder / IMAGES_PATTERN.format(self._shards), shard)
+        write_npy(self.folder / IMAGES_PATTERN.format(self._shards), shard)
         self._shards += 1
         self._filled = 0
 
@@ -132,8 +132,17 @@ class ShardWriter:
         labels = np.asarray(labels, dtype=np.int64)
         if len(labels) != self._sums.count:
             raise ValueError(f"ShardWriter: {self._sums.count} images, {len(labels)} labels")
-        np.save(self.folder / LABELS_FILE, labels)
+        write_npy(self.folder / LABELS_FILE, labels)
         return self._sums.summary(labels)
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    """`np.save`, but through `write`, which names the cause of a failure (`np.save` writes
+    with `tofile`, whose error on a full disk has no errno)."""
+    array = np.ascontiguousarray(array)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+        f.write(memoryview(array).cast("B"))
 
 
 def summarize(images: np.ndarray) -> SplitSummary:

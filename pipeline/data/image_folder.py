@@ -120,7 +120,7 @@ class ImageFiles:
         return ImageFiles(tuple(paths), self.size, self.mode)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        images = np.concatenate([chunk for chunk, _ in decoded(self, workers=1)]
+        images = np.concatenate([chunk for chunk, _ in Decoder(1).decoded(self)]
                                 or [np.empty((0, *self.shape[1:]), np.uint8)])
         return images if dtype is None else images.astype(dtype)
 
@@ -146,40 +146,64 @@ def worker_count(workers: int | None) -> int:
     return workers or len(os.sched_getaffinity(0))
 
 
-def decoded(files: ImageFiles, workers: int | None = None,
-            chunk: int = DECODE_CHUNK) -> Iterator[tuple[np.ndarray, int]]:
-    """(images, number resized) of `files`, `chunk` at a time, in order, decoded by `workers`
-    processes with at most a few chunks per worker in flight (memory stays bounded whatever
-    the number of files). The result does not depend on the number of workers.
+class Decoder:
+    """Worker processes that decode image files, started once for all the splits of a
+    prepare (`with Decoder(workers) as decoder: ... decoder.decoded(files)`)."""
 
-    Raises:
-        DataError: a file is not a readable image (named), or a worker died.
-    """
-    parts = [files.paths[i:i + chunk] for i in range(0, len(files), chunk)]
-    workers = min(worker_count(workers), max(len(parts), 1))
-    if workers == 1:
-        for part in parts:
-            yield decode_chunk(part, files.size, files.mode)
-        return
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_ignore_interrupt)
-    pending: deque = deque()
-    try:
-        for part in parts:
-            pending.append((part, executor.submit(decode_chunk, part, files.size, files.mode)))
-            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+    def __init__(self, workers: int | None = None):
+        self.workers = worker_count(workers)
+        self._executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers at once (after an error or Ctrl-C, the others stop too)."""
+        if self._executor is None:
+            return
+        for process in list((getattr(self._executor, "_processes", None) or {}).values()):
+            process.terminate()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor = None
+
+    def decoded(self, files: ImageFiles,
+                chunk: int = DECODE_CHUNK) -> Iterator[tuple[np.ndarray, int]]:
+        """(images, number resized) of `files`, `chunk` at a time, in order, with at most a
+        few chunks per worker in flight (memory stays bounded whatever the number of files).
+        The result does not depend on the number of workers.
+
+        Raises:
+            DataError: a file is not a readable image (named), or a worker died.
+        """
+        parts = [files.paths[i:i + chunk] for i in range(0, len(files), chunk)]
+        if self.workers == 1 or len(parts) <= 1:
+            for part in parts:
+                yield decode_chunk(part, files.size, files.mode)
+            return
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_ignore_interrupt)
+        pending: deque = deque()
+        try:
+            for part in parts:
+                pending.append((part, self._executor.submit(decode_chunk, part, files.size,
+                                                            files.mode)))
+                if len(pending) >= IN_FLIGHT_PER_WORKER * self.workers:
+                    yield pending.popleft()[1].result()
+            while pending:
                 yield pending.popleft()[1].result()
-        while pending:
-            yield pending.popleft()[1].result()
-    except BrokenProcessPool:
-        where = pending[0][0][0] if pending else files.paths[-1]
-        raise DataError(f"an image-decoding worker died (killed, or out of memory) near "
-                        f"{where}; run prepare again, with fewer data.workers if memory is "
-                        "short") from None
-    finally:
-        for process in list((getattr(executor, "_processes", None) or {}).values()):
-            process.terminate()  # on an error or Ctrl-C: stop the others at once
-        executor.shutdown(wait=True, cancel_futures=True)
+        except BrokenProcessPool:
+            where = pending[0][0][0] if pending else files.paths[-1]
+            raise DataError(f"an image-decoding worker died (killed, or out of memory) near "
+                            f"{where}; run prepare again, with fewer data.workers if memory is "
+                            "short") from None
+        except BaseException:
+            self.close()
+            raise
 
 
 def list_folder(path: Path, class_names: list[str]) -> tuple[list[Path], np.ndarray, list[Path]]:
