@@ -96,6 +96,15 @@ def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
     return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
+def epoch_row(epoch: int, logs: dict) -> dict[str, float]:
+    """One epoch's history row: the epoch (1-based), the standard columns in their order, then
+    every other number Keras reported (a metric added to `compile` is kept, not dropped)."""
+    others = sorted(k for k, v in logs.items()
+                    if k not in HISTORY_FIELDS and np.ndim(v) == 0 and not isinstance(v, str))
+    return {"epoch": epoch + 1,
+            **{k: float(logs[k]) for k in (*HISTORY_FIELDS[1:], *others) if k in logs}}
+
+
 class EpochLog(keras.callbacks.Callback):
     """Adds the learning rate to the epoch logs, saves the checkpoint when given, then hands
     the metrics to `log_metrics(metrics, step)` (MLflow) when given and prints one line per
@@ -116,7 +125,7 @@ class EpochLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
         logs[LEARNING_RATE] = current_learning_rate(self.model.optimizer)
-        row = {"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_FIELDS[1:] if k in logs}}
+        row = epoch_row(epoch, logs)
         self.rows.append(row)
         if self.checkpoint:
             self.checkpoint.save(self.model, self.rows)
@@ -280,7 +289,8 @@ def recompute_batchnorm_statistics(model: keras.Model, x: np.ndarray, batch_size
 
 def history_csv(rows: list[dict[str, float]]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+    extra = sorted({k for row in rows for k in row} - set(HISTORY_FIELDS))
+    writer = csv.DictWriter(out, fieldnames=[*HISTORY_FIELDS, *extra], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()

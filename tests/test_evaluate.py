@@ -73,3 +73,23 @@ def test_headline_metrics_hold_no_per_class_figures():
     assert per_class == per_class_scores(matrix, ["a", "b", "c"])
     assert [s["support"] for s in per_class.values()] == [4, 4, 4]
     assert metrics["test_accuracy"] == np.mean(predicted == y)
+
+
+def test_every_metric_keras_reports_is_kept_logged_and_written():
+    """A metric added to `compile` (here AUC) reaches the history, MLflow and the CSV."""
+    import keras
+
+    from pipeline.train import EpochLog
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer="sgd", loss="binary_crossentropy",
+                  metrics=["accuracy", keras.metrics.AUC(name="auc")])
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("float32")
+    logged = []
+    log = EpochLog(1, log_metrics=lambda metrics, step: logged.append(metrics))
+    model.fit(x, y, validation_data=(x, y), epochs=1, verbose=0, callbacks=[log])
+    assert {"auc", "val_auc"} <= set(log.rows[0]) and {"auc", "val_auc"} <= set(logged[0])
+    header = history_csv(log.rows).splitlines()[0].split(",")
+    assert header[:6] == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy",
+                          "learning_rate"] and {"auc", "val_auc"} <= set(header[6:])
