@@ -46,7 +46,7 @@ def configure(seed: int, deterministic: bool, precision: str = "float32") -> Non
 # CPU features that do bfloat16 matrix work in hardware (Linux /proc/cpuinfo names): AVX-512
 # BF16 (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later) and AMX. Without
 # them TensorFlow emulates bfloat16, and mixed_bfloat16 trained the default model at 0.11-0.15
-# of float32's images/s on an AVX2-only AMD EPYC (README, "Speed").
+# of float32's images/s on an AVX2-only AMD EPYC (docs/speed.md).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

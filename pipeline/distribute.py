@@ -39,7 +39,7 @@ from pipeline.errors import ConfigError
 ENV_JOB_ADDRESSES = "KERAS_DISTRIBUTION_JOB_ADDRESSES"
 ENV_NUM_PROCESSES = "KERAS_DISTRIBUTION_NUM_PROCESSES"
 ENV_PROCESS_ID = "KERAS_DISTRIBUTION_PROCESS_ID"
-README_SECTION = "see README, 'Several GPUs or machines'"
+README_SECTION = "see docs/gpu.md, 'Several GPUs or machines'"
 
 
 def global_batch(batch_size: int, replicas: int) -> int:
