@@ -37,8 +37,8 @@ def run_stages(cfg: Config, root: Path, out_root: Path, run_name: str | None = N
     """prepare -> build -> train -> evaluate, with inputs from `root`, outputs under `out_root`."""
     if cfg.trainer.distribute == "multi_worker":  # prepare, build, evaluate once, not N times
         raise ConfigError("trainer.distribute=multi_worker: run prepare and build once, then the "
-                          "train stage in every process (python -m pipeline.train); see docs/gpu.md, "
-                          "'Several GPUs or machines'")
+                          "train stage in every process (python -m pipeline.train); see "
+                          "docs/gpu.md, 'Several GPUs or machines'")
     backend.check_jit_compile(cfg.trainer.jit_compile, cfg.trainer.deterministic)
     prepare.run(cfg, root, out_root)
     build.run(cfg, out_root)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config, load_params
 from pipeline import shards
+from pipeline.config import Config, load_params
 from pipeline.data import Dataset, load_dataset
 from pipeline.data.image_folder import Decoder, ImageFiles, resized_note
 from pipeline.data.split import stratified_order
