@@ -1,11 +1,15 @@
-"""Data at scale: the prepare stage and a training epoch on thousands of photos, against the
-decode limit and Keras's `image_dataset_from_directory`, on the same files and cores.
+"""Data at scale: the prepare stage, `dvc repro` of it and training on thousands of photos,
+against the decode limit and Keras's `image_dataset_from_directory`, on the same files and
+cores.
 
     make bench-data       # python benchmarks/data_scale.py [--sizes 5000 20000] [--large]
     python benchmarks/data_scale.py --sizes 200 400 --workdir /tmp/photos   # a quick look
 
-The default sizes take roughly 40 minutes on 2 AVX2 cores, most of it the two training epochs
-(small_cnn at 224 px trains at about 10-20 images/s there, compute-bound).
+The default sizes take roughly 45 minutes on 2 AVX2 cores (plus the photos, once, when
+`--workdir` keeps them): the training steps (small_cnn at 224 px trains at about 10-20
+images/s there, compute-bound, so a full epoch of 16,000 images would take half an hour
+alone) and prepare, three times per size (plain, then under `dvc repro` with two cache link
+types).
 
 A seeded synthetic photo folder (JPEGs of 320-480 x 240-360 pixels, around 400x300: colour
 gradients, shapes and sensor-like noise, in `--classes` class folders) is generated once per
@@ -22,10 +26,24 @@ links into the largest). Then, at `--image-size` (224: [224, 224]), for each siz
   rounds' prepare/decode-limit images/s.
 - `image_dataset_from_directory`: one pass, batches of 64, same size and interpolation;
   timed from the call to the end of the pass (TensorFlow's import left out).
-- training epoch: one epoch of the train stage's `train()` (model=small_cnn, the trainer's
-  batch size, validation as the stage runs it) from the shards `read_split` gives; timed from
-  the call to its return (tracing and the validation pass included, imports and building
-  the model left out), images/s over the training images.
+- training: the train stage's `train()` (model=small_cnn, the trainer's batch size of 128)
+  on the stream of the whole training split from the shards `read_split` gives (the seeded
+  order of the epoch spans every shard), stopped after `--train-steps` steps (default 40; 0:
+  the full epoch) by a Keras callback that sets `model.stop_training` at the end of a batch;
+  validation over the first batch of the validation split only (the whole split with
+  `--train-steps 0`, as the stage runs it). Timed from the call to its return (tracing and
+  the validation included, imports and building the model left out), images/s over the
+  images trained; the steady rate (step 2 to the last) is in the notes.
+- `dvc repro`: the throwaway project made a Git and DVC repository with a one-stage dvc.yaml,
+  the project's prepare stage (`python -m pipeline.prepare`, the photo folder as its dep,
+  params `seed` and `data`, the prepared folder as its out), reproduced with `dvc repro
+  --force prepare` once with `cache.type copy` (what DVC's default, `reflink,copy`, comes to
+  on a file system without reflinks, such as ext4) and once with `cache.type hardlink` (what
+  DVC documents for large data), each into an empty cache and with DVC's state database
+  (`core.site_cache_dir`) empty, so both hash the photos as a first run does. Wall time and
+  peak memory of the `dvc` process tree, its ratio to the plain prepare's wall time, and the
+  disk that cache and workspace take together (each inode counted once). `--no-dvc` leaves
+  it out.
 
 Each runs as its own process; its peak memory is the largest sum of the resident memory of
 the process and its children (its workers), sampled every 0.1 s. Results are appended to
@@ -180,8 +198,13 @@ def folder_bytes(folder: Path) -> int:
 # ---------------------------------------------------------------- measured child processes
 
 def child_env() -> dict[str, str]:
+    """The environment of the measured processes: this checkout importable, and this Python's
+    folder first on PATH (so that `dvc` and the `python` of a DVC stage are this venv's)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent),
+                                                env.get("PATH")]))
+    env["DVC_NO_ANALYTICS"] = "1"
     return env
 
 
@@ -277,9 +300,35 @@ def keras_dataset_child(folder: str, size: int, seed: int) -> dict:
     return {"images": images, "timed": time.perf_counter() - started}
 
 
-def train_child() -> dict:
-    """One epoch of the train stage's `train()` on the prepared shards of the project in the
-    current folder."""
+def stop_fit_after(model, steps: int):
+    """Make `model.fit` stop after `steps` training steps: a Keras callback, added to the
+    callbacks the caller gives, sets `model.stop_training` at the end of the step (Keras
+    then ends the epoch, validates and returns). Returns the callback, which keeps the time
+    at the end of each step. The train stage's code is left as it is."""
+    import keras
+
+    class StopAfter(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.ends: list[float] = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.perf_counter())
+            if steps and len(self.ends) >= steps:
+                self.model.stop_training = True
+
+    stopper, fit = StopAfter(), model.fit
+
+    def fit_with_stopper(*args, callbacks=None, **kwargs):
+        return fit(*args, callbacks=[*(callbacks or []), stopper], **kwargs)
+
+    object.__setattr__(model, "fit", fit_with_stopper)  # past Keras's attribute tracking
+    return stopper
+
+
+def train_child(steps: int) -> dict:
+    """The train stage's `train()` for `steps` steps (0: one epoch) on the stream of the whole
+    training split of the prepared shards of the project in the current folder."""
     import pipeline  # noqa: F401  (first: it quiets TensorFlow's start-up log)
     from pipeline import backend
     from pipeline.build import model_from_config
@@ -291,12 +340,26 @@ def train_child() -> dict:
     backend.configure(cfg.seed, cfg.trainer.deterministic, cfg.trainer.precision)
     prepared = Path.cwd() / cfg.paths.prepared
     model = model_from_config(cfg.model, read_meta(prepared), cfg.augment)
+    batch_size = cfg.trainer.batch_size
     train_data, val_data = read_split(prepared, "train"), read_split(prepared, "val")
+    epoch_steps = -(-len(train_data[1]) // batch_size)
+    limited = 0 < steps < epoch_steps
+    if limited:  # validation over one batch: the measurement is the training steps
+        val_data = (val_data[0].subset(np.arange(min(batch_size, len(val_data[1])))),
+                    val_data[1][:batch_size])
+    stopper = stop_fit_after(model, steps if limited else 0)
     started = time.perf_counter()
-    train(model, train_data, val_data, cfg.optimizer, 1, cfg.trainer.batch_size, seed=cfg.seed,
+    train(model, train_data, val_data, cfg.optimizer, 1, batch_size, seed=cfg.seed,
           jit_compile=cfg.trainer.jit_compile, precise_bn=cfg.trainer.precise_bn)
-    return {"images": len(train_data[1]), "val_images": len(val_data[1]),
-            "batch_size": cfg.trainer.batch_size, "timed": time.perf_counter() - started}
+    timed = time.perf_counter() - started
+    done = len(stopper.ends)
+    images = done * batch_size if limited else len(train_data[1])
+    ends = stopper.ends
+    steady = ((done - 1) * batch_size / (ends[-1] - ends[0])
+              if limited and done > 1 and ends[-1] > ends[0] else None)
+    return {"images": images, "steps": done, "epoch_steps": epoch_steps,
+            "split_images": len(train_data[1]), "val_images": len(val_data[1]),
+            "batch_size": batch_size, "timed": timed, "steady": steady}
 
 
 def run_child(argv: list[str]) -> None:
@@ -356,15 +419,90 @@ def measure_size(count: int, folder: Path, project: Path, args, cores: int,
         result["keras"] = summary([got])
         print(f"{count} photos: image_dataset_from_directory {got['rate']:7.0f} images/s, "
               f"peak memory {got['peak'] / GB:.2f} GB", flush=True)
-    got = measured(child("train"), project, "the training epoch")
+    got = measured(child("train", steps=args.train_steps), project, "the training steps")
     got["rate"] = got["images"] / got["timed"]
-    result["train"] = {**summary([got]), "images": got["images"], "val": got["val_images"],
-                       "batch": got["batch_size"]}
-    print(f"{count} photos: training epoch {got['rate']:7.0f} images/s "
-          f"({got['images']} training images), peak memory {got['peak'] / GB:.2f} GB",
-          flush=True)
+    result["train"] = {**summary([got]), **{k: got[k] for k in (
+        "images", "steps", "epoch_steps", "split_images", "steady")},
+        "val": got["val_images"], "batch": got["batch_size"]}
+    print(f"{count} photos: training {got['rate']:7.0f} images/s ({got['steps']} steps of "
+          f"{got['batch_size']}, {got['images']} images, over the stream of the full split of "
+          f"{got['split_images']}), peak memory {got['peak'] / GB:.2f} GB", flush=True)
     shutil.rmtree(prepared, ignore_errors=True)
+    if args.dvc:
+        result["dvc"] = dvc_repro_runs(project, folder, prepared, count)
     return result
+
+
+# ---------------------------------------------------------------- prepare under dvc repro
+
+DVC_LINKS = ("copy", "hardlink")
+
+
+def dvc_command() -> str | None:
+    """This venv's `dvc`, else the one on PATH, else None."""
+    mine = Path(sys.executable).with_name("dvc")
+    return str(mine) if mine.is_file() else shutil.which("dvc")
+
+
+def disk_bytes(*folders: Path) -> int:
+    """Bytes allocated on disk to the files under `folders`, each inode counted once (a hard
+    link into the cache takes no more room)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for folder in folders:
+        for path in Path(folder).rglob("*"):
+            info = path.lstat()
+            if path.is_file() and not path.is_symlink() and (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_blocks * 512
+    return total
+
+
+def dvc_repro_runs(project: Path, folder: Path, prepared: Path, count: int) -> dict:
+    """`dvc repro --force prepare` in `project`, made a Git and DVC repository with the prepare
+    stage, once per cache link type in DVC_LINKS, each into an empty cache and an empty state
+    database; per link type its wall time, peak memory and the disk cache and workspace
+    take."""
+    dvc = dvc_command()
+    env = child_env()
+
+    def quiet(*cmd: str) -> None:
+        done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"data scale: {' '.join(cmd)} failed in {project}:\n"
+                     f"{done.stdout}{done.stderr}")
+
+    quiet("git", "init", "-q")
+    quiet(dvc, "init", "-q")
+    out = prepared.relative_to(project).as_posix()
+    (project / "dvc.yaml").write_text(
+        "# the project's prepare stage (its code deps left out: the package is installed)\n"
+        "stages:\n"
+        "  prepare:\n"
+        "    cmd: python -m pipeline.prepare\n"
+        f"    deps:\n      - {json.dumps(str(folder))}\n"  # a JSON string is YAML
+        "    params:\n      - seed\n      - data\n"
+        f"    outs:\n      - {json.dumps(out)}\n")
+    cache, site = project / ".dvc" / "cache", project / ".dvc" / "tmp" / "site-cache"
+    runs = {}
+    for link in DVC_LINKS:
+        for path in (cache, site, prepared):
+            shutil.rmtree(path, ignore_errors=True)
+        (project / "dvc.lock").unlink(missing_ok=True)
+        quiet(dvc, "config", "cache.type", link)
+        quiet(dvc, "config", "core.site_cache_dir", str(site))
+        got = measured([dvc, "repro", "--force", "prepare"], project,
+                       f"dvc repro prepare (cache.type {link})")
+        got["disk"] = disk_bytes(prepared, cache)
+        got["rate"] = count / got["seconds"]
+        runs[link] = {"rate": got["rate"], "wall": got["seconds"], "peak": got["peak"],
+                      "disk": got["disk"]}
+        print(f"{count} photos: dvc repro prepare, cache.type {link:8s} {got['rate']:7.0f} "
+              f"images/s, {got['seconds']:.1f} s, peak memory {got['peak'] / GB:.2f} GB, "
+              f"cache + workspace {got['disk'] / GB:.2f} GB", flush=True)
+    for path in (cache, site, prepared):
+        shutil.rmtree(path, ignore_errors=True)
+    return runs
 
 
 def summary(runs: list[dict]) -> dict:
@@ -409,8 +547,10 @@ def report(results: list[dict], args, cores: int, command: str) -> list[str]:
         f"{workers} decoding processes; decode limit and prepare: wall time of the process, "
         f"paired over {args.rounds} round(s), the ratio the median of the rounds'; "
         "image_dataset_from_directory: one pass, batches of 64, timed from the call to the "
-        "end of the pass; training: one epoch of `train()` with model=small_cnn, batch "
-        f"{last['train']['batch']}, timed from the call to its return, validation included; "
+        f"end of the pass; training: {train_what(args, last)}, timed from the call to its "
+        "return; dvc repro: `dvc repro --force prepare` in the throwaway project made a DVC "
+        "repository, into an empty cache of the link type named, state database empty, its "
+        "on-disk column the cache and the workspace together, each inode once; "
         "the wall time is the whole process's, start-up included; "
         "peak memory: the process and its workers, resident, 1 GB = 10^9 bytes)",
         "",
@@ -424,8 +564,14 @@ def report(results: list[dict], args, cores: int, command: str) -> list[str]:
                 ("prepare", result["prepare"], f"{result['prepare']['disk'] / 1e3:.1f} kB")]
         if "keras" in result:
             rows.append(("image_dataset_from_directory", result["keras"], "-"))
-        rows.append((f"training epoch ({result['train']['images']} images)", result["train"],
-                     "-"))
+        trained = result["train"]
+        rows.append((f"training, {trained['steps']} steps ({trained['images']} images) over "
+                     f"the stream of the full split ({trained['split_images']} images)"
+                     if trained["steps"] < trained["epoch_steps"] else
+                     f"training epoch ({trained['images']} images)", trained, "-"))
+        for link, got in result.get("dvc", {}).items():
+            rows.append((f"dvc repro prepare, cache.type {link}", got,
+                         f"{got['disk'] / n / 1e3:.1f} kB"))
         for way, got, disk in rows:
             lines.append(f"| {n} | {way} | {got['rate']:.0f} | {got['wall']:.1f} s | "
                          f"{got['peak'] / GB:.2f} GB | {disk} |")
@@ -433,11 +579,39 @@ def report(results: list[dict], args, cores: int, command: str) -> list[str]:
     for result in results:
         lines.append(f"- {result['count']} photos: prepare {result['ratio']:.2f} of the "
                      "decode limit")
+    for result in results:
+        trained = result["train"]
+        if trained["steady"]:
+            lines.append(f"- {result['count']} photos: training {trained['steady']:.1f} "
+                         f"images/s from the end of step 1 to the end of step "
+                         f"{trained['steps']} (first step's tracing left out); "
+                         f"{trained['steps']} of the epoch's {trained['epoch_steps']} steps, "
+                         "not a full epoch")
+    for result in results:
+        if "dvc" in result:
+            plain = result["prepare"]["wall"]
+            lines.append(f"- {result['count']} photos: `dvc repro` / plain prepare, wall time: "
+                         + ", ".join(f"{got['wall'] / plain:.2f} with cache.type {link} "
+                                     f"({got['wall']:.1f} s against {plain:.1f} s; cache + "
+                                     f"workspace {got['disk'] / GB:.2f} GB)"
+                                     for link, got in result["dvc"].items()))
     lines.append(f"- peak memory growth from {first['count']} to {last['count']} photos: "
                  f"prepare {last['prepare']['peak'] / first['prepare']['peak']:.2f}x, training "
                  f"{last['train']['peak'] / first['train']['peak']:.2f}x")
     lines += ["", final_line(results, growth), ""]
     return lines
+
+
+def train_what(args, last: dict) -> str:
+    """What the training row measures, for the table's preamble."""
+    batch = last["train"]["batch"]
+    if args.train_steps == 0:
+        return (f"one epoch of `train()` with model=small_cnn, batch {batch}, validation as "
+                "the stage runs it")
+    return (f"`train()` with model=small_cnn, batch {batch}, stopped after "
+            f"{args.train_steps} steps (a Keras callback setting `model.stop_training`) of the "
+            "seeded stream over the full training split, not a full epoch, where the split "
+            "holds more steps; validation over one batch")
 
 
 def final_line(results: list[dict], growth: float) -> str:
@@ -460,6 +634,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="paired decode-limit/prepare rounds per size (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-steps", type=int, default=40, metavar="N",
+                        help="training steps (batches of 128) over the stream of the full "
+                             "training split (default 40; 0: one full epoch)")
+    parser.add_argument("--no-dvc", dest="dvc", action="store_false",
+                        help="leave out prepare under `dvc repro` (copy and hardlink caches)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the photo folders here and reuse them (default: a temporary "
                              "folder, removed)")
@@ -470,8 +649,11 @@ def main() -> None:
     if min(sizes) < 5 * args.classes:
         parser.error(f"--sizes: at least {5 * args.classes} photos (5 per class), so that each "
                      "split holds every class")
-    if args.rounds < 1 or args.image_size < 8:
-        parser.error("--rounds at least 1, --image-size at least 8")
+    if args.rounds < 1 or args.image_size < 8 or args.train_steps < 0:
+        parser.error("--rounds at least 1, --image-size at least 8, --train-steps at least 0")
+    if args.dvc and (dvc_command() is None or shutil.which("git") is None):
+        print("data scale: no dvc or no git, so no dvc repro rows", flush=True)
+        args.dvc = False
     cores = len(os.sched_getaffinity(0))
     keras_ok = importlib.util.find_spec("tensorflow") is not None
     if not keras_ok:
@@ -483,7 +665,10 @@ def main() -> None:
                         *([] if args.classes == 10 else ["--classes", str(args.classes)]),
                         *([] if args.workers is None else ["--workers", str(args.workers)]),
                         *([] if args.rounds == 1 else ["--rounds", str(args.rounds)]),
-                        *([] if args.seed == 0 else ["--seed", str(args.seed)])])
+                        *([] if args.seed == 0 else ["--seed", str(args.seed)]),
+                        *([] if args.train_steps == 40 else ["--train-steps",
+                                                             str(args.train_steps)]),
+                        *([] if args.dvc else ["--no-dvc"])])
     scratch = Path(tempfile.mkdtemp(prefix="data-scale-"))
     work = args.workdir or scratch
     work.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from pipeline.config import Config, to_dict
-from pipeline.errors import Interrupted, TrainingError
+from pipeline.errors import Interrupted, TrainingError, TrialPruned
 from pipeline.files import atomic_dir, read_arrays, read_json, write_arrays, write_json
 from pipeline.metric_names import LOSS
 
@@ -30,6 +31,7 @@ TRAINING_KEYS = ("seed", "data", "model", "augment", "optimizer", "trainer")
 WEIGHTS_FILE = "state.weights.h5"
 RANDOM_STATES_FILE = "random_states.npz"
 HISTORY_JSON = "history.json"
+BEST_WEIGHTS_FILE = "best_epoch.npz"  # early stopping: the best epoch's weights and its number
 
 
 class TrainingInterrupted(Interrupted):
@@ -59,6 +61,7 @@ class Checkpoint:
     drew the first epoch's dropout masks again. The data order is no state: `pipeline.stream`
     derives it from the seed and the epoch. Each epoch is written whole into a folder of its
     own before `latest.json` names it, so a kill at any moment leaves the last complete one.
+    Under early stopping the folder also keeps the best epoch's weights (`save_best`).
     """
 
     def __init__(self, folder: Path):
@@ -96,6 +99,21 @@ class Checkpoint:
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def save_best(self, weights: list[np.ndarray], epoch: int) -> None:
+        """Keep `weights`, those of epoch `epoch`, the best so far: early stopping puts them
+        back at the end of training, also of a training resumed after a kill."""
+        write_arrays(self.folder / BEST_WEIGHTS_FILE, epoch=np.asarray(epoch),
+                     **{f"w{i:04d}": w for i, w in enumerate(weights)})
+
+    def best_weights(self) -> tuple[int, list[np.ndarray]] | None:
+        """(epoch, weights) as `save_best` kept them, or None."""
+        path = self.folder / BEST_WEIGHTS_FILE
+        if not path.is_file():
+            return None
+        arrays = read_arrays(path)
+        epoch = int(arrays.pop("epoch"))
+        return epoch, [arrays[key] for key in sorted(arrays)]
+
     def restore(self, model: keras.Model) -> int:
         """Load the last saved state into the compiled `model`; return its epoch (0: none)."""
         return self._restore(model, with_optimizer=True)
@@ -130,6 +148,17 @@ class Checkpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextmanager
+def removed_if_pruned(checkpoint: Checkpoint) -> Iterator[None]:
+    """Delete the checkpoint when a search's pruner stops the training in the block: a pruned
+    trial is over, and nothing will resume it."""
+    try:
+        yield
+    except TrialPruned:
+        checkpoint.remove()
+        raise
 
 
 def random_states(model: keras.Model) -> list:

@@ -11,7 +11,11 @@ its value lives once, in the YAML of its option under `conf/` (and so in `params
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import difflib
+import functools
+import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +48,7 @@ class DataConfig:
     limit: int | None = MISSING  # max examples per split; None = all
     val_fraction: float = MISSING  # stratified share of the training set held out for validation
     positive_class: str | None = MISSING  # two classes: the one the detector looks for
-    workers: int | None = None  # processes that decode images in prepare; None = every core
+    workers: int | None = MISSING  # processes that decode images in prepare; None = every core
 
     def __post_init__(self) -> None:
         _require(self.workers is None or self.workers > 0, "data.workers", self.workers,
@@ -55,6 +59,24 @@ class DataConfig:
                  "must lie strictly between 0 and 1", "0.1")
 
 
+DATA_SOURCES: dict[str, type[DataConfig]] = {}  # data.name -> schema, filled by @data_source
+
+
+def data_source(name: str, loader: str):
+    """Register the decorated schema as the data source `name` (the `name` in its YAML under
+    `conf/data/`), read by `loader`: "module:function", called as function(cfg, root, seed)
+    and returning a Dataset (`pipeline.data.load_dataset`). The schema, its name and its
+    loader are registered here and nowhere else; a subclass is a source of its own only with
+    its own registration."""
+
+    def register(cls: type[DataConfig]) -> type[DataConfig]:
+        cls.loader = loader  # read from the class itself, never inherited (load_dataset)
+        DATA_SOURCES[name] = cls
+        return cls
+
+    return register
+
+
 COLOR_MODES = ("rgb", "grayscale")
 
 
@@ -63,6 +85,7 @@ def _check_image_size(size: list[int] | None) -> None:
              size, "must be [height, width] in pixels", "[64,64]")
 
 
+@data_source("fashion_mnist", loader="pipeline.data.fashion_mnist:load_source")
 @dataclass
 class FashionMnistConfig(DataConfig):
     """Fashion-MNIST's four IDX files in `path`."""
@@ -70,6 +93,7 @@ class FashionMnistConfig(DataConfig):
     verify_md5: bool = MISSING
 
 
+@data_source("image_folder", loader="pipeline.data.image_folder:load")
 @dataclass
 class ImageFolderConfig(DataConfig):
     """One subfolder of images per class: `<path>/cat/*.jpg`, `<path>/non-cat/*.png`."""
@@ -87,6 +111,7 @@ class ImageFolderConfig(DataConfig):
                  f"choose one of {', '.join(COLOR_MODES)}", "rgb")
 
 
+@data_source("hdf5", loader="pipeline.data.hdf5:load")
 @dataclass
 class Hdf5Config(DataConfig):
     """Image and label arrays in HDF5 files (the layout common course datasets use)."""
@@ -98,6 +123,7 @@ class Hdf5Config(DataConfig):
     classes_key: str | None = MISSING  # null: classes are named 0, 1, ...
 
 
+@data_source("keras", loader="pipeline.data.keras_datasets:load_source")
 @dataclass
 class KerasDatasetConfig(DataConfig):
     """A dataset Keras downloads by name (needs the network, or Keras's cache)."""
@@ -111,12 +137,6 @@ class KerasDatasetConfig(DataConfig):
 
 
 KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
-DATA_SOURCES: dict[str, type[DataConfig]] = {
-    "fashion_mnist": FashionMnistConfig,
-    "image_folder": ImageFolderConfig,
-    "hdf5": Hdf5Config,
-    "keras": KerasDatasetConfig,
-}
 
 
 @dataclass
@@ -236,15 +256,26 @@ SCHEDULES = ("constant", "cosine", "exponential")
 
 @dataclass
 class OptimizerConfig:
-    """Fields every optimizer has; each option of the `optimizer` group adds its own."""
+    """One option of the `optimizer` group: a class of `keras.optimizers` and its arguments.
+
+    These fields are the pipeline's own: `name` (the option, logged as `optimizer.name`), the
+    class, and the learning rate with its schedule and clipping, which `train.make_optimizer`
+    builds. Every other key of the option's YAML is a keyword argument of the class
+    (`momentum`, `rho`, `beta_1`, `weight_decay`, ...): `optimizer_schema` adds one field per
+    key, typed from the class's constructor, so adding an optimizer Keras has is one file.
+    """
 
     name: str = MISSING
+    class_name: str = MISSING  # a class of keras.optimizers: SGD, RMSprop, Adam, AdamW, Nadam...
     learning_rate: float = MISSING
     schedule: str = MISSING  # constant | cosine (to 0 over training) | exponential
     decay_rate: float = MISSING  # exponential schedule: factor per epoch
     clipnorm: float | None = MISSING
 
     def __post_init__(self) -> None:
+        names = group_options("optimizer")
+        _require(self.name in names, "optimizer", self.name,
+                 f"unknown optimizer; choose one of {', '.join(names)}", "adam")
         _require(self.learning_rate > 0, "optimizer.learning_rate", self.learning_rate,
                  "must be positive", "0.001")
         _require(self.schedule in SCHEDULES, "optimizer.schedule", self.schedule,
@@ -253,73 +284,159 @@ class OptimizerConfig:
                  "must lie in (0, 1]", "0.9")
         _require(self.clipnorm is None or self.clipnorm > 0, "optimizer.clipnorm", self.clipnorm,
                  "must be positive or null", "1.0")
+        for key, value in self.arguments().items():
+            if key in ARGUMENT_RULES and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                ok, rule, example = ARGUMENT_RULES[key]
+                _require(ok(value), f"optimizer.{key}", value, rule, example)
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments of `class_name` from the YAML, beyond the learning rate and
+        clipnorm (which `train.make_optimizer` passes itself)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in OPTIMIZER_FIELDS}
+
+    def __reduce__(self):  # the class is made at validation: pickle the values, not the class
+        return _optimizer_config, (dataclasses.asdict(self),)
 
 
-@dataclass
-class GDConfig(OptimizerConfig):
-    """Plain (mini-batch) gradient descent: SGD without momentum."""
-
-
-@dataclass
-class MomentumConfig(OptimizerConfig):
-    momentum: float = MISSING
-    nesterov: bool = MISSING
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(0.0 <= self.momentum < 1.0, "optimizer.momentum", self.momentum,
-                 "must lie in [0, 1)", "0.9")
-
-
-@dataclass
-class RMSPropConfig(OptimizerConfig):
-    rho: float = MISSING
-    momentum: float = MISSING
-    epsilon: float = MISSING
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(0.0 < self.rho < 1.0, "optimizer.rho", self.rho, "must lie in (0, 1)", "0.9")
-        _require(0.0 <= self.momentum < 1.0, "optimizer.momentum", self.momentum,
-                 "must lie in [0, 1)", "0.0")
-        _require(self.epsilon > 0, "optimizer.epsilon", self.epsilon, "must be positive", "1e-7")
-
-
-@dataclass
-class AdamConfig(OptimizerConfig):
-    beta_1: float = MISSING
-    beta_2: float = MISSING
-    epsilon: float = MISSING
-    amsgrad: bool = MISSING
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in ("beta_1", "beta_2"):
-            value = getattr(self, key)
-            _require(0.0 <= value < 1.0, f"optimizer.{key}", value, "must lie in [0, 1)", "0.9")
-        _require(self.epsilon > 0, "optimizer.epsilon", self.epsilon, "must be positive", "1e-7")
-
-
-@dataclass
-class AdamWConfig(AdamConfig):
-    weight_decay: float = MISSING
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay,
-                 "must be >= 0", "0.004")
-
-
-OPTIMIZERS: dict[str, type[OptimizerConfig]] = {
-    "gd": GDConfig,
-    "momentum": MomentumConfig,
-    "rmsprop": RMSPropConfig,
-    "adam": AdamConfig,
-    "adamw": AdamWConfig,
+OPTIMIZER_FIELDS = tuple(f.name for f in dataclasses.fields(OptimizerConfig))
+# Keyword arguments of Keras's constructors that the pipeline sets itself, or that are its own.
+NOT_ARGUMENTS = ("name", "learning_rate", "clipnorm")
+# Checks by argument name, for whichever optimizer class takes the argument: (rule, text, example).
+ARGUMENT_RULES: dict[str, tuple[Any, str, str]] = {
+    "momentum": (lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)", "0.9"),
+    "beta_1": (lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)", "0.9"),
+    "beta_2": (lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)", "0.999"),
+    "rho": (lambda v: 0.0 < v < 1.0, "must lie in (0, 1)", "0.9"),
+    "epsilon": (lambda v: v > 0, "must be positive", "1e-7"),
+    "weight_decay": (lambda v: v >= 0, "must be >= 0", "0.004"),
 }
+
+
+@functools.cache
+def keras_optimizers() -> dict[str, type]:
+    """The classes of `keras.optimizers` an option can name: each optimizer that takes no
+    required argument (not the base class, nor wrappers such as LossScaleOptimizer)."""
+    import keras  # here, not at the top: composing a config needs no backend until now
+
+    found = {}
+    for attr in sorted(dir(keras.optimizers)):
+        cls = getattr(keras.optimizers, attr)
+        if (isinstance(cls, type) and issubclass(cls, keras.optimizers.Optimizer)
+                and cls is not keras.optimizers.Optimizer
+                and all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                        for p in inspect.signature(cls).parameters.values())):
+            found[attr] = cls
+    return found
+
+
+def optimizer_class(class_name: Any) -> type:
+    """The class of `keras.optimizers` named `class_name`.
+
+    Raises:
+        ConfigError: one line naming the bad name and the classes there are.
+    """
+    classes = keras_optimizers()
+    if isinstance(class_name, str) and class_name in classes:
+        return classes[class_name]
+    folded = {name.lower(): name for name in classes}
+    close = folded.get(str(class_name).lower()) or next(
+        iter(difflib.get_close_matches(str(class_name), classes, n=1)), "Nadam")
+    raise ConfigError(f"optimizer.class_name={class_name!r}: not an optimizer class of "
+                      f"keras.optimizers; choose one of {', '.join(classes)}; for example "
+                      f"optimizer.class_name={close}")
+
+
+def optimizer_arguments(cls: type) -> dict[str, inspect.Parameter]:
+    """The keyword arguments an option may give `cls`, in the order of its constructor."""
+    return {name: p for name, p in inspect.signature(cls).parameters.items()
+            if name not in NOT_ARGUMENTS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _argument_type(parameter: inspect.Parameter) -> Any:
+    """A field type from the constructor's default: bool, float, str; Any where the default
+    does not tell (None, or an int that may as well be a float)."""
+    default = parameter.default
+    for kind in (bool, float, str):
+        if type(default) is kind:
+            return kind
+    return Any
+
+
+def _missing(key: str) -> str:
+    return (f"config key {key!r} is missing; add it, or compose the file again with "
+            "`python -m pipeline.params`, which writes every key")
+
+
+_CHECK_OPTIMIZER: contextvars.ContextVar[bool] = contextvars.ContextVar("check_optimizer",
+                                                                        default=True)
+
+
+def optimizer_schema(section: Any) -> type[OptimizerConfig]:
+    """The dataclass for an `optimizer` section: OptimizerConfig's fields, then one field per
+    other key, each a keyword argument of the Keras class that `class_name` names.
+
+    Raises:
+        ConfigError: one line for a missing or unknown class, or a key the class does not take.
+    """
+    if not isinstance(section, dict):
+        return OptimizerConfig  # merging names what is wrong with it
+    if "class_name" not in section:
+        raise ConfigError(_missing("optimizer.class_name"))
+    class_name = section["class_name"]
+    if not _CHECK_OPTIMIZER.get():  # see load_params: the keys as they are, not checked
+        return _optimizer_dataclass(str(class_name), tuple(
+            (key, Any) for key in section if key not in OPTIMIZER_FIELDS))
+    arguments = optimizer_arguments(optimizer_class(class_name))
+    for key, value in section.items():
+        if key not in OPTIMIZER_FIELDS and key not in arguments:
+            close = difflib.get_close_matches(str(key), arguments, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"optimizer.{key}={value!r}: not an argument of "
+                              f"keras.optimizers.{class_name}; its arguments are "
+                              f"{', '.join(arguments)}{hint}")
+    fields = tuple((key, _argument_type(p)) for key, p in arguments.items() if key in section)
+    return _optimizer_dataclass(class_name, fields)
+
+
+@functools.cache
+def _optimizer_dataclass(class_name: str, fields: tuple[tuple[str, Any], ...]) -> type:
+    """One class per class name and set of arguments, so that equal configs compare equal."""
+    return dataclasses.make_dataclass(
+        f"{class_name}Config", [(key, kind, MISSING) for key, kind in fields],
+        bases=(OptimizerConfig,), namespace={"__module__": __name__})
+
+
+def _optimizer_config(values: dict[str, Any]) -> OptimizerConfig:
+    return optimizer_schema(values)(**values)
+
+
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 JIT_COMPILE = ("auto", True, False)
 DISTRIBUTE = ("none", "mirrored", "multi_worker")
+
+
+EARLY_STOPPING_MONITORS = ("val_accuracy", "val_loss")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when `monitor` has not improved by more than `min_delta` for `patience` epochs;
+    the model keeps the weights of its best epoch (`train.best_epoch`)."""
+
+    patience: int | None = MISSING  # null: off, train every epoch and keep the last
+    monitor: str = MISSING  # val_accuracy (higher is better) | val_loss (lower is better)
+    min_delta: float = MISSING
+
+    def __post_init__(self) -> None:
+        _require(self.patience is None or self.patience > 0, "trainer.early_stopping.patience",
+                 self.patience, "must be a positive number of epochs, or null for off", "3")
+        _require(self.monitor in EARLY_STOPPING_MONITORS, "trainer.early_stopping.monitor",
+                 self.monitor, f"choose one of {', '.join(EARLY_STOPPING_MONITORS)}",
+                 "val_accuracy")
+        _require(self.min_delta >= 0, "trainer.early_stopping.min_delta", self.min_delta,
+                 "must be >= 0", "0.0")
 
 
 @dataclass
@@ -329,9 +446,10 @@ class TrainerConfig:
     precision: str = MISSING
     deterministic: bool = MISSING  # TensorFlow op determinism: bit-identical runs on CPU
     class_weight: str = MISSING  # none | balanced: weight classes by inverse frequency
-    jit_compile: Any = MISSING  # auto | true | false; auto: Keras's rule (README, "XLA")
+    jit_compile: Any = MISSING  # auto | true | false; auto: Keras's rule (docs/gpu.md, "XLA")
     distribute: str = MISSING  # none | mirrored (GPUs of one machine) | multi_worker (machines)
     precise_bn: bool = MISSING  # BatchNorm statistics recomputed over the training data at the end
+    early_stopping: EarlyStoppingConfig = MISSING
 
     def __post_init__(self) -> None:
         _require(self.jit_compile in JIT_COMPILE, "trainer.jit_compile", self.jit_compile,
@@ -481,13 +599,25 @@ def _option(raw: dict[str, Any], group: str, options: dict[str, type], example: 
     return options[name]
 
 
-def _schema_for(raw: dict[str, Any]):
-    """The schema whose data, model and optimizer dataclasses match their `name` in `raw`."""
-    schema = OmegaConf.structured(Config)
+def section_schema(group: str, raw: dict[str, Any]) -> type:
+    """The dataclass of the `data`, `model` or `optimizer` section of `raw`: the data source
+    and the model that their `name` names, the optimizer's with the arguments of its class."""
+    if group == "optimizer":
+        return optimizer_schema(raw.get("optimizer"))
+    if group == "data":
+        return _option(raw, "data", DATA_SOURCES, "fashion_mnist")
     models = {name: MODEL_SCHEMAS.get(name, CnnConfig) for name in model_presets()}
-    schema.model = OmegaConf.structured(_option(raw, "model", models, "bn_cnn"))
-    schema.data = OmegaConf.structured(_option(raw, "data", DATA_SOURCES, "fashion_mnist"))
-    schema.optimizer = OmegaConf.structured(_option(raw, "optimizer", OPTIMIZERS, "adam"))
+    return _option(raw, "model", models, "bn_cnn")
+
+
+SECTIONS = ("model", "data", "optimizer")  # the sections whose schema their values choose
+
+
+def _schema_for(raw: dict[str, Any]):
+    """The schema with the dataclass of each of the SECTIONS that `raw` chooses."""
+    schema = OmegaConf.structured(Config)
+    for group in SECTIONS:
+        setattr(schema, group, OmegaConf.structured(section_schema(group, raw)))
     return schema
 
 
@@ -495,11 +625,15 @@ def _one_line(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", "") or ""
     msg = str(err).splitlines()[0]
     if isinstance(err, MissingMandatoryValue):
-        return (f"config key {key!r} is missing; add it, or compose the file again with "
-                "`python -m pipeline.params`, which writes every key")
+        return _missing(key)
     if "not in" in msg or "Key '" in msg:
         return f"unknown config key {key!r}; check the spelling against conf/ (see params.yaml)"
     return f"{key}: {msg}; fix the value in params.yaml or on the command line"
+
+
+# `hparams_search=optuna` adds the search's settings: the sweeper's, which pipeline/search.py
+# checks; no stage reads them.
+SEARCH_KEY = "hparams_search"
 
 
 def validate(raw: dict[str, Any]) -> Config:
@@ -508,6 +642,7 @@ def validate(raw: dict[str, Any]) -> Config:
     Raises:
         ConfigError: one line naming the bad key or value and the fix.
     """
+    raw = {key: value for key, value in raw.items() if key != SEARCH_KEY}
     try:
         merged = OmegaConf.merge(_schema_for(raw), raw)
         return OmegaConf.to_object(merged)  # runs each dataclass's __post_init__ checks
@@ -523,14 +658,24 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def load_params(path: Path | str = PARAMS_FILE) -> Config:
-    """Read and validate `params.yaml`, the composed config that DVC's stages use."""
+def load_params(path: Path | str = PARAMS_FILE, check_optimizer: bool = True) -> Config:
+    """Read and validate `params.yaml`, the composed config that DVC's stages use.
+
+    `check_optimizer=False` leaves the optimizer's class and arguments unchecked, for a stage
+    that never builds an optimizer (prepare): checking them imports Keras and its backend,
+    seconds and most of a gigabyte before the first image is decoded. The stages that build
+    one check them.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found; write it with `python -m pipeline.params`")
     with path.open() as f:
         raw = yaml.safe_load(f) or {}
-    return validate(raw)
+    token = _CHECK_OPTIMIZER.set(check_optimizer)
+    try:
+        return validate(raw)
+    finally:
+        _CHECK_OPTIMIZER.reset(token)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -41,6 +41,15 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
+class TrialPruned(Exception):
+    """A hyperparameter search's pruner stopped this training after `epoch` epochs: no
+    failure, the trial was not worth finishing (pipeline.search)."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"pruned after epoch {epoch}")
+        self.epoch = epoch
+
+
 def raise_interrupted(signum: int, frame=None) -> NoReturn:
     """A signal handler: the signal becomes `Interrupted`, as Ctrl-C becomes KeyboardInterrupt."""
     raise Interrupted(signum)

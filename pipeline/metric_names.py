@@ -21,4 +21,5 @@ VAL_LOSS = "val_loss"
 VAL_ACCURACY = "val_accuracy"
 LEARNING_RATE = "learning_rate"
 EPOCH_SECONDS = "epoch_seconds"  # MLflow only: the epoch's wall time
+BEST_EPOCH = "best_epoch"  # MLflow only: the epoch whose weights early stopping kept
 HISTORY_FIELDS = ("epoch", LOSS, ACCURACY, VAL_LOSS, VAL_ACCURACY, LEARNING_RATE)

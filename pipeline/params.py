@@ -22,7 +22,15 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import CONF_DIR, PARAMS_FILE, Config, group_options, to_dict, validate
+from pipeline.config import (
+    CONF_DIR,
+    PARAMS_FILE,
+    SEARCH_KEY,
+    Config,
+    group_options,
+    to_dict,
+    validate,
+)
 from pipeline.errors import ConfigError, run_cli
 from pipeline.files import write_text
 from pipeline.tracking import project_root
@@ -81,8 +89,8 @@ def unknown_option(group: str, option: str) -> str:
 def check_command_line(argv: Sequence[str]) -> None:
     """The overrides of a `python -m pipeline` command line checked as Hydra would compose
     them, so that a misspelt option or key stops with one line rather than Hydra's usage
-    block: every option a sweep names, and the composition (validated) of each sweep's first
-    value.
+    block: every option a sweep names, the composition (validated) of each sweep's first
+    value, and a hyperparameter search's settings.
 
     Raises:
         ConfigError: naming the bad option or key and the fix.
@@ -114,7 +122,12 @@ def check_command_line(argv: Sequence[str]) -> None:
                 if value not in group_options(key):
                     raise ConfigError(unknown_option(key, value))
         first.append(f"{override.get_key_element()}={values[0]}")
-    validate(compose_config(first, sweep=True))
+    raw = compose_config(first, sweep=True)
+    validate(raw)
+    if SEARCH_KEY in raw:  # hparams_search=optuna: checked before any MLflow run exists
+        from pipeline.search import preflight
+
+        preflight(args.overrides, first)
 
 
 def params_yaml(cfg: Config) -> str:

@@ -43,6 +43,7 @@ from pipeline.config import PathsConfig
 from pipeline.data.image_folder import EXTENSIONS, image_files, read_image
 from pipeline.errors import PipelineError, run_cli
 from pipeline.files import read_json
+from pipeline.progress import Progress
 
 if TYPE_CHECKING:
     import keras
@@ -372,7 +373,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                            f"choose 1 to {len(class_names)}")
     height, width, _ = image_shape(model)
     listing = JsonList(sys.stdout) if args.json else None
+    progress = Progress("predict:", len(paths), stream=sys.stderr)  # stdout stays the results
+    done = 0
     for batch, predictions, resized in predict_batches(model, paths, class_names):
+        done += len(batch)
+        progress.update(done)
         if listing is not None:
             for record in records(batch, predictions, resized, args.top):
                 listing.append(record)
@@ -381,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(format_line(path, prediction, args.top or 1,
                                   f"{height}x{width}" if was_resized else None))
         sys.stdout.flush()  # this batch's lines out before the next batch is read
+    progress.close()
     if listing is not None:
         listing.close()
         sys.stdout.flush()

@@ -23,6 +23,7 @@ from pipeline.data.image_folder import Decoder, ImageFiles, resized_note
 from pipeline.data.split import stratified_order
 from pipeline.errors import DataError, run_cli
 from pipeline.files import atomic_dir, read_json, write_json
+from pipeline.progress import Progress
 
 SPLITS = ("train", "val", "test")
 IMBALANCE_NOTE_AT = 1.5
@@ -107,17 +108,20 @@ def check_splits(splits: dict[str, tuple], class_names: list[str],
                             "or fix the labels")
 
 
-def image_chunks(x: np.ndarray | ImageFiles, decoder: Decoder, resized: list[int]):
-    """The images of `x` in order, a shard or a decoded chunk at a time; counts the images
-    decoded at another size in `resized[0]`."""
+def image_chunks(x: np.ndarray | ImageFiles, decoder: Decoder, resized: list[int],
+                 progress: Progress):
+    """(images, their sums or None) of `x` in order, a shard or a decoded chunk at a time;
+    counts the images decoded at another size in `resized[0]`, and reports those decoded to
+    `progress`."""
     if isinstance(x, np.ndarray):
         step = shards.shard_length(x.shape[1:])
         for start in range(0, len(x), step):
-            yield x[start:start + step]
+            yield x[start:start + step], None
         return
-    for images, count in decoder.decoded(x):
+    for images, count, sums in decoder.decoded(x):
         resized[0] += count
-        yield images
+        progress.update(progress.done + len(images))
+        yield images, sums
 
 
 def write_prepared(prepared: Prepared, out_dir: Path, workers: int | None = None) -> None:
@@ -129,12 +133,14 @@ def write_prepared(prepared: Prepared, out_dir: Path, workers: int | None = None
             images that all have one value; the previous output is left as it was.
     """
     resized, total, size = [0], 0, None
+    files = sum(len(x) for x, _ in prepared.splits.values() if isinstance(x, ImageFiles))
+    progress = Progress("prepare: decoded", files)
     with atomic_dir(out_dir) as tmp, Decoder(workers) as decoder:
         digests = {}
         for name, (x, y) in prepared.splits.items():
             writer = shards.ShardWriter(tmp / name, x.shape[1:])
-            for images in image_chunks(x, decoder, resized):
-                writer.add(images)
+            for images, sums in image_chunks(x, decoder, resized, progress):
+                writer.add(images, sums)
             summary = writer.close(y)
             digests[name] = summary.digest
             if name == "train":
@@ -143,6 +149,7 @@ def write_prepared(prepared: Prepared, out_dir: Path, workers: int | None = None
                 total, size = total + len(x), x.size
         prepared.meta["digests"] = digests
         write_json(tmp / META_FILE, prepared.meta)
+    progress.close()
     note = resized_note(resized[0], total, size) if size else None
     if note:
         prepared.notes.insert(0, note)
@@ -190,7 +197,7 @@ def imbalance_note(meta: dict) -> str | None:
 
 def main() -> None:
     root = Path.cwd()
-    run(load_params(), root, root)
+    run(load_params(check_optimizer=False), root, root)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from pipeline import tracking
-from pipeline.config import DATA_SOURCES, OPTIMIZERS, PARAMS_FILE, Config, validate
+from pipeline.config import PARAMS_FILE, SECTIONS, Config, section_schema, validate
 from pipeline.errors import PipelineError, run_cli
 from pipeline.files import write_text
 from pipeline.metric_names import TEST_ACCURACY, TEST_LOSS
@@ -37,20 +37,22 @@ class ReproduceError(PipelineError):
     """The checkout or the data does not match the run."""
 
 
-SECTION_OPTIONS: dict[str, dict[str, type]] = {"data": DATA_SOURCES, "optimizer": OPTIMIZERS}
-
-
 def field_types(params: dict[str, str]) -> dict[str, Any]:
-    """The schema's type of every dotted key (`data.path`: str), for the data source and the
-    optimizer that the params name (`data.name`, `optimizer.name`)."""
+    """The schema's type of every dotted key (`data.path`: str), for the data source, the
+    model and the optimizer that the params name (`data.name`, `optimizer.class_name`, ...)."""
     types: dict[str, Any] = {}
+    sections: dict[str, dict[str, str]] = {}
+    for key, text in params.items():
+        group, _, leaf = key.partition(".")
+        if group in SECTIONS and leaf and "." not in leaf:
+            sections.setdefault(group, {})[leaf] = text
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
             key, hint = f"{prefix}{field.name}", hints[field.name]
-            options = SECTION_OPTIONS.get(key, {})
-            hint = options.get(params.get(f"{key}.name", ""), hint)
+            if key in sections:
+                hint = section_schema(key, sections)
             if dataclasses.is_dataclass(hint):
                 walk(hint, f"{key}.")
             else:

@@ -30,6 +30,7 @@ SHARD_BYTES = 64 * 2**20  # images per shard: as many as fit in 64 MiB
 IMAGES_PATTERN = "images-{:05d}.npy"
 LABELS_FILE = "labels.npy"
 SUM_BLOCK = 2**22  # pixel values summed at a time
+SUM_IMAGES = 4096  # images summed at a time in memory
 
 
 def shard_length(image_shape: tuple[int, ...]) -> int:
@@ -64,8 +65,37 @@ class SplitSummary:
         return math.sqrt(variance) / 255.0
 
 
+@dataclass
+class BlockSums:
+    """Exact integer pixel sums and extremes of a block of images, and each image's SHA-256:
+    what a decoding worker computes beside the images, so that the process writing the shards
+    only adds them up. Sums of blocks add up to the sums of the whole, in any blocking."""
+
+    count: int
+    total: int
+    squares: int
+    low: int
+    high: int
+    digests: bytes  # the images' SHA-256 digests, one after the other
+
+    @classmethod
+    def of(cls, images: np.ndarray) -> BlockSums:
+        total = squares = 0
+        low, high = 255, 0
+        flat = images.reshape(-1)
+        for start in range(0, flat.size, SUM_BLOCK):  # bounded temporaries
+            block = flat[start:start + SUM_BLOCK]
+            total += int(block.sum(dtype=np.uint64))
+            squares += int(np.square(block, dtype=np.uint32).sum(dtype=np.uint64))
+            low, high = min(low, int(block.min())), max(high, int(block.max()))
+        digests = b"".join(hashlib.sha256(np.ascontiguousarray(image).data).digest()
+                           for image in images)
+        return cls(len(images), total, squares, low, high, digests)
+
+
 class PixelSums:
-    """Exact integer sums of uint8 images, added a block at a time, and a running SHA-256."""
+    """The running sums of a split's blocks, and the split's digest: the SHA-256 of its images'
+    digests in order, then of its labels."""
 
     def __init__(self, image_shape: tuple[int, ...]):
         self.image_shape = tuple(image_shape)
@@ -73,16 +103,13 @@ class PixelSums:
         self.low, self.high = 255, 0
         self.hash = hashlib.sha256()
 
-    def add(self, images: np.ndarray) -> None:
-        flat = images.reshape(-1)
-        for start in range(0, flat.size, SUM_BLOCK):  # bounded temporaries
-            block = flat[start:start + SUM_BLOCK]
-            self.total += int(block.sum(dtype=np.uint64))
-            self.squares += int(np.square(block, dtype=np.uint32).sum(dtype=np.uint64))
-            self.low, self.high = min(self.low, int(block.min())), max(self.high,
-                                                                       int(block.max()))
-        self.hash.update(np.ascontiguousarray(images).tobytes())
-        self.count += len(images)
+    def add(self, sums: BlockSums) -> None:
+        self.count += sums.count
+        self.total += sums.total
+        self.squares += sums.squares
+        if sums.count:
+            self.low, self.high = min(self.low, sums.low), max(self.high, sums.high)
+        self.hash.update(sums.digests)
 
     def summary(self, labels: np.ndarray) -> SplitSummary:
         self.hash.update(np.asarray(labels, dtype=np.int64).tobytes())
@@ -103,11 +130,13 @@ class ShardWriter:
         self._filled = self._shards = 0
         self._sums = PixelSums(self.image_shape)
 
-    def add(self, images: np.ndarray) -> None:
-        """Append uint8 images of shape (k, *image_shape)."""
+    def add(self, images: np.ndarray, sums: BlockSums | None = None) -> None:
+        """Append uint8 images of shape (k, *image_shape), with their sums when the caller
+        has them (computed here otherwise)."""
         if images.shape[1:] != self.image_shape or images.dtype != np.uint8:
             raise ValueError(f"ShardWriter: images {images.dtype}{images.shape[1:]}, expected "
                              f"uint8{self.image_shape}")
+        self._sums.add(sums if sums is not None else BlockSums.of(images))
         start = 0
         while start < len(images):
             take = min(self.length - self._filled, len(images) - start)
@@ -121,7 +150,6 @@ class ShardWriter:
         if not self._filled:
             return
         shard = self._buffer[:self._filled]
-        self._sums.add(shard)
         write_npy(self.folder / IMAGES_PATTERN.format(self._shards), shard)
         self._shards += 1
         self._filled = 0
@@ -148,7 +176,8 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 def summarize(images: np.ndarray) -> SplitSummary:
     """The pixel sums and extremes `ShardWriter` finds, of images in memory."""
     sums = PixelSums(images.shape[1:])
-    sums.add(images)
+    for start in range(0, len(images), SUM_IMAGES):
+        sums.add(BlockSums.of(images[start:start + SUM_IMAGES]))
     return sums.summary(np.zeros(0, np.int64))
 
 

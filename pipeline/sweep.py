@@ -7,7 +7,8 @@ report into the sweep folder, logs it to the parent and ends the parent FINISHED
 dies on the way ends its parent FAILED when the process exits (KILLED on SIGTERM or Ctrl-C),
 and ends KILLED the runs of jobs whose processes were killed (a parallel launcher kills the
 other jobs when one fails). A sweep named by `mlflow.sweep_id` keeps one parent: a second
-multirun under the same name adds its runs to it.
+multirun under the same name adds its runs to it, and first ends KILLED the runs that a killed
+process left RUNNING there (an Optuna study resumed after kill -9, `pipeline.search`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ class MlflowSweep(Callback):
         overrides = " ".join(config.hydra.overrides.task)
         self.parent_run_id = tracking.reopen_sweep_parent(
             self.experiment_id, self.sweep_id) if config.mlflow.sweep_id else None
-        if self.parent_run_id is None:
+        if self.parent_run_id is not None:  # runs a kill -9 left RUNNING before this resume
+            killed = tracking.end_orphaned_runs(self.experiment_id, self.sweep_id)
+            if killed:
+                print(f"sweep {self.sweep_id}: {len(killed)} run(s) of killed processes ended "
+                      "KILLED in MLflow", flush=True)
+        else:
             self.parent_run_id = tracking.create_sweep_parent(
                 self.experiment_id, self.sweep_id,
                 {"pipeline.entry_point": "python -m pipeline -m", "sweep.overrides": overrides})

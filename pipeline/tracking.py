@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import Config, flatten, to_dict
-from pipeline.errors import ConfigError, PipelineError, sigterm_interrupts
+from pipeline.errors import ConfigError, PipelineError, TrialPruned, sigterm_interrupts
 from pipeline.processes import is_running
 
 DEFAULT_STORE = "mlflow.db"
@@ -44,6 +44,7 @@ ENV_SWEEP_ID = "PIPELINE_SWEEP_ID"  # set by the Hydra multirun callback for its
 ENV_PARENT_RUN_ID = "PIPELINE_PARENT_RUN_ID"
 HOST_TAG = "pipeline.host"  # where the run's process ran: tells a killed run from a live one
 PID_TAG = "pipeline.pid"
+PRUNED_TAG = "pipeline.pruned_at_epoch"  # a search trial its pruner stopped: ended KILLED
 
 
 class TrackingError(PipelineError):
@@ -272,10 +273,15 @@ def ensure_experiment(name: str) -> str:
 
 @contextmanager
 def _ending(mlflow) -> Iterator[None]:
-    """End the active run FINISHED, KILLED on Ctrl-C, FAILED on any other exception."""
+    """End the active run FINISHED, KILLED on Ctrl-C, KILLED and tagged `pipeline.pruned_at_epoch`
+    when a search's pruner stopped it, FAILED on any other exception."""
     try:
         yield
     except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except TrialPruned as pruned:
+        mlflow.set_tag(PRUNED_TAG, str(pruned.epoch))
         mlflow.end_run("KILLED")
         raise
     except BaseException:

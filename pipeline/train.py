@@ -15,34 +15,34 @@ import os
 import time
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import keras
 import numpy as np
 
-from pipeline import backend, diagnostics, distribute, tracking
+from pipeline import backend, diagnostics, distribute, tracking, trials
 from pipeline.build import MODEL_FILE, REPORT_JSON, REPORT_MD, phase_arguments
 from pipeline.checkpoints import (
     CHECKPOINTS_DIR,
     Checkpoint,
     LossGuard,
     fingerprint,
+    removed_if_pruned,
     stop_cleanly_on_signals,
 )
-from pipeline.diagnostics import predict_labels
 from pipeline.config import (
-    AdamConfig,
-    AdamWConfig,
     Config,
-    MomentumConfig,
+    EarlyStoppingConfig,
     OptimizerConfig,
-    RMSPropConfig,
     load_params,
+    optimizer_class,
 )
-from pipeline.errors import run_cli
+from pipeline.diagnostics import predict_labels
+from pipeline.errors import TrainingError, run_cli
 from pipeline.files import atomic_path, removed_on_failure, write_json, write_text
 from pipeline.metric_names import (
     ACCURACY,
+    BEST_EPOCH,
     EPOCH_SECONDS,
     HISTORY_FIELDS,
     LEARNING_RATE,
@@ -52,6 +52,7 @@ from pipeline.metric_names import (
 )
 from pipeline.models import backbone_of, set_backbone_frozen
 from pipeline.prepare import META_FILE, read_meta, read_split
+from pipeline.progress import Progress
 from pipeline.stream import EpochBatches, OrderedBatches, epoch_order
 
 BACKEND_PACKAGES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
@@ -75,25 +76,46 @@ def make_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int):
 
 
 def make_optimizer(cfg: OptimizerConfig, steps_per_epoch: int = 1, epochs: int = 1):
-    """The Keras optimizer for one option of the `optimizer` group."""
-    lr = make_schedule(cfg, steps_per_epoch, epochs)
-    common: dict[str, Any] = {"learning_rate": lr, "clipnorm": cfg.clipnorm}
-    if isinstance(cfg, AdamWConfig):
-        return keras.optimizers.AdamW(beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon,
-                                      amsgrad=cfg.amsgrad, weight_decay=cfg.weight_decay, **common)
-    if isinstance(cfg, AdamConfig):
-        return keras.optimizers.Adam(beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon,
-                                     amsgrad=cfg.amsgrad, **common)
-    if isinstance(cfg, RMSPropConfig):
-        return keras.optimizers.RMSprop(rho=cfg.rho, momentum=cfg.momentum, epsilon=cfg.epsilon,
-                                        **common)
-    if isinstance(cfg, MomentumConfig):
-        return keras.optimizers.SGD(momentum=cfg.momentum, nesterov=cfg.nesterov, **common)
-    return keras.optimizers.SGD(momentum=0.0, **common)  # gd
+    """The Keras optimizer an option of the `optimizer` group names, `keras.optimizers.
+    <class_name>`, with the learning rate (`make_schedule`), clipnorm and the option's arguments.
+
+    Raises:
+        ConfigError: `class_name` is no optimizer class of keras.optimizers (an argument the
+            class does not take fails in its constructor): nothing falls back to another.
+    """
+    return optimizer_class(cfg.class_name)(
+        learning_rate=make_schedule(cfg, steps_per_epoch, epochs), clipnorm=cfg.clipnorm,
+        **cfg.arguments())
 
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
     return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+class StepProgress(keras.callbacks.Callback):
+    """The steps of each epoch as they go, with the images per second and the running loss."""
+
+    def __init__(self, epochs: int, steps: int, batch_size: int, stream=None,
+                 every: float | None = None):
+        super().__init__()
+        self.epochs, self.steps, self.batch_size = epochs, steps, batch_size
+        self.stream, self.every = stream, every
+        self.progress: Progress | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.progress = Progress(f"epoch {epoch + 1}/{self.epochs}  step", self.steps,
+                                 unit="", stream=self.stream, every=self.every)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.progress is None:
+            return
+        loss = (logs or {}).get("loss")
+        self.progress.update(batch + 1, rate_count=(batch + 1) * self.batch_size,
+                             extra=f"loss {float(loss):.4f}" if loss is not None else "")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.progress is not None:
+            self.progress.close()
 
 
 def epoch_row(epoch: int, logs: dict) -> dict[str, float]:
@@ -108,13 +130,17 @@ def epoch_row(epoch: int, logs: dict) -> dict[str, float]:
 class EpochLog(keras.callbacks.Callback):
     """Adds the learning rate to the epoch logs, saves the checkpoint when given, then hands
     the metrics to `log_metrics(metrics, step)` (MLflow) when given and prints one line per
-    epoch: a run killed after an epoch's line resumes after that epoch."""
+    epoch: a run killed after an epoch's line resumes after that epoch. Last, it hands the
+    epoch's row to `report(row)` when given: a search trial's pruner, which may stop training
+    by raising `TrialPruned`."""
 
-    def __init__(self, epochs: int, log_metrics=None, checkpoint: Checkpoint | None = None):
+    def __init__(self, epochs: int, log_metrics=None, checkpoint: Checkpoint | None = None,
+                 report=None):
         super().__init__()
         self.epochs = epochs
         self.log_metrics = log_metrics
         self.checkpoint = checkpoint
+        self.report = report
         # epochs completed before a resume
         self.rows: list[dict[str, float]] = checkpoint.completed_epochs() if checkpoint else []
         self._start = 0.0
@@ -137,6 +163,84 @@ class EpochLog(keras.callbacks.Callback):
               f"accuracy {row[ACCURACY]:.4f}  val_loss {row.get(VAL_LOSS, math.nan):.4f}  "
               f"val_accuracy {row.get(VAL_ACCURACY, math.nan):.4f}  "
               f"lr {row[LEARNING_RATE]:.3g}  {seconds:.1f}s", flush=True)
+        if self.report:
+            self.report(row)
+
+
+def best_epoch(rows: list[dict[str, float]], monitor: str, min_delta: float = 0.0) -> int:
+    """The epoch (1-based) early stopping keeps: the last one whose `monitor` beat the best
+    before it by more than `min_delta` (accuracy higher, loss lower); 0 without rows."""
+    sign = -1.0 if monitor.endswith("loss") else 1.0
+    best_value, best = -math.inf, 0
+    for row in rows:
+        value = sign * row[monitor]
+        if value > best_value + min_delta:  # False for NaN
+            best_value, best = value, int(row["epoch"])
+    return best
+
+
+def kept_epoch(rows: list[dict[str, float]], early_stopping: EarlyStoppingConfig | None) -> int:
+    """The epoch whose weights training ends with: the best one under early stopping, else
+    the last."""
+    if early_stopping is None or early_stopping.patience is None:
+        return len(rows)
+    return best_epoch(rows, early_stopping.monitor, early_stopping.min_delta)
+
+
+class KeepBestEpoch(keras.callbacks.Callback):
+    """Early stopping: stops `fit` once `monitor` has not improved for `patience` epochs, and
+    `restore` puts back the weights of the best epoch. The best epoch follows from the history
+    rows of `log` (`best_epoch`), and its weights are kept in memory and, with a checkpoint, in
+    it, so that a resume after kill -9 still ends with the best weights (Keras's EarlyStopping
+    holds them in memory only, and forgets them between `fit` calls). Place it after `log`
+    in `fit`'s callbacks: the epoch's checkpoint is saved before its best weights are, so a
+    kill between the two resumes at an epoch whose weights the model then holds."""
+
+    def __init__(self, log: EpochLog, cfg: EarlyStoppingConfig,
+                 checkpoint: Checkpoint | None = None):
+        super().__init__()
+        self.log = log
+        self.cfg = cfg
+        self.checkpoint = checkpoint
+        self.weights: list[np.ndarray] | None = None  # the best epoch's, once seen here
+
+    def best(self) -> int:
+        return best_epoch(self.log.rows, self.cfg.monitor, self.cfg.min_delta)
+
+    def exhausted(self) -> bool:
+        """True once `patience` epochs have passed without improvement."""
+        return bool(self.log.rows) and len(self.log.rows) - self.best() >= self.cfg.patience
+
+    def on_train_begin(self, logs=None):
+        # a resume whose last completed epoch is the best: the restored weights are its
+        if self.weights is None and self.log.rows and self.best() == len(self.log.rows):
+            self._keep()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.best() == len(self.log.rows):
+            self._keep()
+        if self.exhausted():
+            self.model.stop_training = True
+
+    def _keep(self) -> None:
+        self.weights = self.model.get_weights()
+        if self.checkpoint:
+            self.checkpoint.save_best(self.weights, len(self.log.rows))
+
+    def restore(self, model: keras.Model) -> int:
+        """Give `model` the best epoch's weights; return that epoch."""
+        best = self.best()
+        if best == len(self.log.rows):
+            return best  # the model's own
+        weights = self.weights
+        if weights is None and self.checkpoint:  # best before a resume: in the checkpoint
+            saved_epoch, weights = self.checkpoint.best_weights() or (None, None)
+            if saved_epoch != best:
+                raise TrainingError(f"the checkpoint in {self.checkpoint.folder} holds the "
+                                    f"weights of epoch {saved_epoch}, not of the best epoch "
+                                    f"{best}; delete it to train from the start")
+        model.set_weights(weights)
+        return best
 
 
 def output_kind(model: keras.Model) -> str:
@@ -192,7 +296,9 @@ def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
           class_weight: dict[int, float] | None = None,
           checkpoint: Checkpoint | None = None,
           jit_compile: bool | str = "auto", precise_bn: bool = False,
-          freeze_epochs: int = 0, fine_tune_lr_factor: float = 1.0) -> list[dict[str, float]]:
+          freeze_epochs: int = 0, fine_tune_lr_factor: float = 1.0,
+          early_stopping: EarlyStoppingConfig | None = None,
+          report=None) -> list[dict[str, float]]:
     """Compile `model` with the configured optimizer and fit it; return the per-epoch rows.
 
     Each epoch sees the training data in the order `pipeline.stream` derives from `seed` and
@@ -207,14 +313,22 @@ def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
     times the learning rate. A resume at the phase boundary restores all but the optimizer
     state, which belongs to the frozen phase.
 
+    With `early_stopping` (its `patience` set), training stops once the monitored metric has
+    not improved for `patience` epochs, and the model ends with the weights of the best epoch
+    (`kept_epoch`), also across a resume. `report(row)` is handed each epoch's row (a search
+    trial's pruner; see `EpochLog`).
+
     Raises:
         TrainingError: at the first step whose loss is not finite.
         TrainingInterrupted: on SIGTERM or SIGINT.
+        TrialPruned: when `report` prunes the training.
     """
     steps_per_epoch = math.ceil(len(train_data[0]) / batch_size)
     phases = training_phases(model, optimizer_cfg, epochs, freeze_epochs, fine_tune_lr_factor)
     done = len(checkpoint.completed_epochs()) if checkpoint else 0
-    log = EpochLog(epochs, log_metrics, checkpoint)
+    log = EpochLog(epochs, log_metrics, checkpoint, report)
+    keeper = (KeepBestEpoch(log, early_stopping, checkpoint)
+              if early_stopping is not None and early_stopping.patience is not None else None)
     restored = checkpoint is None
     for phase in phases:
         if done >= phase.end and phase is not phases[-1]:
@@ -229,15 +343,19 @@ def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
             else:
                 checkpoint.restore(model)
             restored = True
-        if done < phase.end:
+        if done < phase.end and not (keeper and keeper.exhausted()):
             batches = EpochBatches(*train_data, batch_size, seed, first_epoch=done,
                                    class_weight=class_weight)
             with stop_cleanly_on_signals(model) as stop_on_signal:
                 model.fit(batches, steps_per_epoch=steps_per_epoch, shuffle=False,
                           validation_data=OrderedBatches(*val_data, batch_size),
                           initial_epoch=done, epochs=phase.end,
-                          callbacks=[LossGuard(), log, stop_on_signal], verbose=0)
+                          callbacks=[StepProgress(epochs, steps_per_epoch, batch_size),
+                                     LossGuard(), log, *([keeper] if keeper else []),
+                                     stop_on_signal], verbose=0)
             done = phase.end
+    if keeper:
+        keeper.restore(model)
     if precise_bn:
         recompute_batchnorm_statistics(model, train_data[0], batch_size, seed, epochs)
     return log.rows
@@ -344,7 +462,7 @@ def labels_of(meta: dict) -> dict:
 def train_replica(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
                   val_data: tuple[np.ndarray, np.ndarray], cfg: Config,
                   replicas: distribute.Replicas, checkpoint: Checkpoint,
-                  log_metrics=None) -> list[dict[str, float]]:
+                  log_metrics=None, report=None) -> list[dict[str, float]]:
     """`train` this process's replicas: its shard of the data, its share of the global batch
     and the learning rate scaled for all replicas, in the distribution's scope. With one
     replica this is `train` on the config as it is."""
@@ -357,7 +475,8 @@ def train_replica(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
                      cfg.trainer.epochs, replicas.process_batch(cfg.trainer.batch_size),
                      seed=cfg.seed, log_metrics=log_metrics, class_weight=weights,
                      checkpoint=checkpoint, jit_compile=cfg.trainer.jit_compile,
-                     precise_bn=cfg.trainer.precise_bn, **phase_arguments(cfg.model))
+                     precise_bn=cfg.trainer.precise_bn, **phase_arguments(cfg.model),
+                     early_stopping=cfg.trainer.early_stopping, report=report)
     if replicas.processes > 1:
         print(f"train: process {replicas.process_id} of {replicas.processes} done, weights "
               f"digest {distribute.weights_digest(model)}", flush=True)
@@ -370,7 +489,9 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
 
     `root` holds the inputs (data, its `.dvc` file, the git checkout); stage files are read
     from and written under `out_root`. Under `trainer.distribute=multi_worker` only process 0
-    logs and writes; the others train along and return None.
+    logs and writes; the others train along and return None. When a hyperparameter search runs
+    the training (`pipeline.trials`), the run carries the trial's tags, each epoch is reported
+    to the trial, and a pruned training ends its run KILLED and drops its checkpoint.
     """
     backend.check_jit_compile(cfg.trainer.jit_compile, cfg.trainer.deterministic)
     backend.configure(cfg.seed, cfg.trainer.deterministic, cfg.trainer.precision)
@@ -397,22 +518,33 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
     checkpoint = Checkpoint(tracking.project_root(root) / CHECKPOINTS_DIR / folder)
     outputs = [out_root / p for p in (cfg.paths.model, cfg.paths.history, cfg.paths.labels,
                                       cfg.paths.run)]
-    with removed_on_failure(*outputs), \
+    trial = trials.active()
+    with removed_on_failure(*outputs), removed_if_pruned(checkpoint), \
             tracking.start_run(cfg, root, entry_point, data_path, run_name) as active:
         import mlflow
 
         resume_after(checkpoint, active.info.run_id, mlflow.log_metrics,
                      cfg.trainer.deterministic)
+        if trial:
+            mlflow.set_tags(trial.attach_run(active.info.run_id))
+            trial.report_completed(checkpoint.completed_epochs())
         tracking.log_datasets(cfg, data_path, read_meta(prepared), ("train", "val"))
         mlflow.log_artifact(str(build_dir / REPORT_MD))
         mlflow.log_artifact(str(build_dir / REPORT_JSON))
         mlflow.set_tags(replicas.tags(cfg.trainer.batch_size, cfg.optimizer.learning_rate))
         rows = train_replica(model, train_data, val_data, cfg, replicas, checkpoint,
-                             log_metrics=mlflow.log_metrics)
+                             log_metrics=mlflow.log_metrics,
+                             report=trial.report if trial else None)
+        kept = rows[kept_epoch(rows, cfg.trainer.early_stopping) - 1]
+        if cfg.trainer.early_stopping.patience is not None:
+            monitor = cfg.trainer.early_stopping.monitor
+            mlflow.log_metric(BEST_EPOCH, kept["epoch"])
+            print(f"train: kept the weights of epoch {int(kept['epoch'])} of {len(rows)}, the "
+                  f"best {monitor} ({kept[monitor]:.4f})", flush=True)
         labels = labels_of(read_meta(prepared))
         line, warning, interval = diagnostics.validation_report(
             val_data[1], predict_labels(model, val_data[0], cfg.trainer.batch_size),
-            rows[-1][ACCURACY], rows, labels["class_names"])
+            kept[ACCURACY], rows, labels["class_names"])
         print(line, flush=True)
         mlflow.log_metrics(interval)
         if warning:
@@ -428,6 +560,8 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
         run_id = active.info.run_id
         write_json(out_root / cfg.paths.run, {"run_id": run_id,
                                               "experiment_id": active.info.experiment_id})
+        if trial:
+            trial.finish(kept)
     checkpoint.remove()
     return run_id
 

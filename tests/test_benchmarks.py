@@ -75,22 +75,39 @@ def test_time_to_accuracy_reads_every_seed_back_from_mlflow(tmp_path, data_dir):
 @pytest.mark.slow
 def test_data_scale_ends_with_the_decode_limit_and_memory_line(tmp_path):
     out = tmp_path / "results.md"
-    result = run(["python", "benchmarks/data_scale.py", "--sizes", "40", "80", "--classes", "4",
-                  "--image-size", "32", "--workdir", str(tmp_path / "work"),
+    result = run(["python", "benchmarks/data_scale.py", "--sizes", "40", "400", "--classes", "4",
+                  "--image-size", "32", "--train-steps", "2", "--workdir", str(tmp_path / "work"),
                   "--results", str(out)], REPO, timeout=600)
     last = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"data scale: prepare \d+\.\d\d of the decode limit; peak memory "
-                        r"\d+\.\d GB at 80 photos, growth \d+\.\d\dx from 40 to 80", last), \
+                        r"\d+\.\d GB at 400 photos, growth \d+\.\d\dx from 40 to 400", last), \
         result.stdout
     recorded = out.read_text()
-    assert ("`python benchmarks/data_scale.py --sizes 40 80 --image-size 32 --classes 4`"
-            in recorded)
-    for photos in (40, 80):
-        for way in (r"decode limit \(Pillow, multiprocessing\.Pool\)", "prepare",
-                    "image_dataset_from_directory", r"training epoch \(\d+ images\)"):
-            assert re.search(rf"^\| {photos} \| {way} \| \d+ \| \d+\.\d s \| \d+\.\d\d GB \| ",
-                             recorded, re.MULTILINE), (photos, way, recorded)
+    assert ("`python benchmarks/data_scale.py --sizes 40 400 --image-size 32 --classes 4 "
+            "--train-steps 2`" in recorded)
+    row = r"\| \d+ \| \d+\.\d s \| \d+\.\d\d GB \| "
+    ways = [r"decode limit \(Pillow, multiprocessing\.Pool\)", "prepare",
+            "image_dataset_from_directory", "dvc repro prepare, cache.type copy",
+            "dvc repro prepare, cache.type hardlink"]
+    for photos in (40, 400):
+        for way in ways:
+            assert re.search(rf"^\| {photos} \| {way} {row}", recorded, re.MULTILINE), \
+                (photos, way, recorded)
+    # 40 photos: one batch is the whole epoch; 400: 2 of the epoch's 3 steps of 128
+    assert re.search(rf"^\| 40 \| training epoch \(\d+ images\) {row}", recorded, re.MULTILINE)
+    assert re.search(rf"^\| 400 \| training, 2 steps \(256 images\) over the stream of the "
+                     rf"full split \(\d+ images\) {row}", recorded, re.MULTILINE), recorded
+    assert re.search(r"^- 400 photos: training \d+\.\d images/s .* 2 of the epoch's 3 steps, "
+                     r"not a full epoch$", recorded, re.MULTILINE), recorded
     # 32x32x3 uint8 pixels per image, plus the shards' headers and the labels
-    disk = re.search(r"^\| 80 \| prepare \| .* \| (\d+\.\d) kB \|$", recorded, re.MULTILINE)
+    disk = re.search(r"^\| 400 \| prepare \| .* \| (\d+\.\d) kB \|$", recorded, re.MULTILINE)
     assert 3.0 < float(disk.group(1)) < 3.5
+    # the copy cache holds the shards twice over; hard links once
+    on_disk = {link: float(re.search(rf"^\| 400 \| dvc repro prepare, cache.type {link} \| .* "
+                                     r"\| (\d+\.\d) kB \|$", recorded, re.MULTILINE).group(1))
+               for link in ("copy", "hardlink")}
+    assert on_disk["copy"] > 1.7 * on_disk["hardlink"], on_disk
+    assert re.search(r"^- 400 photos: `dvc repro` / plain prepare, wall time: \d+\.\d\d with "
+                     r"cache.type copy .*, \d+\.\d\d with cache.type hardlink ", recorded,
+                     re.MULTILINE), recorded
     assert last in recorded

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import typing
 
+import numpy as np
 import pytest
 import yaml
 from omegaconf import MISSING
 
+from pipeline import config, params
 from pipeline.config import (
     DATA_SOURCES,
     MODEL_SCHEMAS,
-    OPTIMIZERS,
     CnnConfig,
     Config,
     check_model_fits,
     group_options,
+    optimizer_arguments,
+    optimizer_class,
     to_dict,
     validate,
 )
@@ -41,9 +45,37 @@ def test_every_option_composes_and_validates(group, option):
     assert to_dict(cfg) == raw
 
 
-def test_every_optimizer_has_an_option_and_a_schema():
-    assert sorted(OPTIMIZERS) == group_options("optimizer")
-    assert {"gd", "momentum", "rmsprop", "adam"} <= set(OPTIMIZERS)
+@pytest.mark.parametrize("option", group_options("optimizer"))
+def test_every_optimizer_option_names_a_keras_class_and_its_arguments(option):
+    cfg = compose(f"optimizer={option}").optimizer
+    assert set(cfg.arguments()) <= set(optimizer_arguments(optimizer_class(cfg.class_name)))
+
+
+@pytest.mark.parametrize("option", group_options("data"))
+def test_every_data_option_is_a_registered_source_with_a_loader(option):
+    from pipeline.data import source_loader
+
+    schema = type(compose(f"data={option}").data)
+    assert DATA_SOURCES[option] is schema
+    assert callable(source_loader(schema))
+
+
+def test_a_source_schema_without_its_own_registration_has_no_loader():
+    from pipeline.data import source_loader
+
+    @dataclasses.dataclass
+    class TarballConfig(DATA_SOURCES["hdf5"]):  # a subclass does not inherit hdf5's loader
+        member: str = MISSING
+
+    with pytest.raises(ConfigError, match=r"^data source TarballConfig has no loader; "
+                                          r"register it with @data_source"):
+        source_loader(TarballConfig)
+
+
+def test_the_optimizer_options_keep_their_keras_classes():
+    expected = {"gd": "SGD", "momentum": "SGD", "rmsprop": "RMSprop", "adam": "Adam",
+                "adamw": "AdamW"}
+    assert {o: compose(f"optimizer={o}").optimizer.class_name for o in expected} == expected
 
 
 def test_committed_params_yaml_is_the_default_composition():
@@ -76,6 +108,12 @@ def test_params_yaml_round_trips():
     (["optimizer=adam", "optimizer.beta_1=1.5"], "optimizer.beta_1=1.5"),
     (["trainer.precision=float8"], "trainer.precision='float8'"),
     (["mlflow.sweep_id='a/b'"], "mlflow.sweep_id='a/b': must be letters, digits"),
+    (["optimizer.class_name=Foo"], "optimizer.class_name='Foo': not an optimizer class of "
+     "keras.optimizers; choose one of "),
+    (["+optimizer.betta_1=0.9"], "optimizer.betta_1=0.9: not an argument of "
+     "keras.optimizers.Adam; its arguments are beta_1, beta_2, "),
+    (["optimizer=rmsprop", "optimizer.rho=1.0"], "optimizer.rho=1.0: must lie in (0, 1)"),
+    (["optimizer=adamw", "optimizer.weight_decay=-1"], "optimizer.weight_decay=-1.0: must be"),
 ])
 def test_bad_overrides_fail_with_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -114,7 +152,8 @@ def test_a_key_missing_from_params_yaml_fails_with_the_fix():
 
 def schema_classes(cls: type) -> set[type]:
     """`cls` and every dataclass that its fields or its subclasses' fields name."""
-    found, todo = set(), [cls, *DATA_SOURCES.values(), *OPTIMIZERS.values(), CnnConfig,
+    optimizers = [type(compose(f"optimizer={o}").optimizer) for o in group_options("optimizer")]
+    found, todo = set(), [cls, *DATA_SOURCES.values(), *optimizers, CnnConfig,
                           *MODEL_SCHEMAS.values()]
     while todo:
         current = todo.pop()
@@ -140,6 +179,87 @@ def test_optimizer_fields_match_their_option():
     assert {f.name for f in dataclasses.fields(rms)} >= {"rho", "momentum", "epsilon"}
     adam = compose("optimizer=adam").optimizer
     assert (adam.beta_1, adam.beta_2) == (0.9, 0.999)
+
+
+# An optimizer Keras has, added as one file: conf/optimizer/nadam.yaml.
+NADAM = """\
+# Nadam: Adam with Nesterov momentum.
+name: nadam
+class_name: Nadam
+learning_rate: 0.002
+beta_1: 0.85
+beta_2: 0.99
+epsilon: 1.0e-06
+weight_decay: 0.001
+schedule: exponential
+decay_rate: 0.5
+clipnorm: 2.0
+"""
+
+
+@pytest.fixture
+def conf_copy(tmp_path, monkeypatch):
+    """A copy of conf/ that composes and validates in place of the project's."""
+    conf = shutil.copytree(config.CONF_DIR, tmp_path / "conf")
+    monkeypatch.setattr(config, "CONF_DIR", conf)
+    monkeypatch.setattr(params, "CONF_DIR", conf)
+    return conf
+
+
+def test_a_new_optimizer_is_one_yaml_file(conf_copy):
+    import keras
+
+    from pipeline.distribute import scaled_optimizer
+    from pipeline.models import build_model
+    from pipeline.train import make_optimizer
+
+    (conf_copy / "optimizer" / "nadam.yaml").write_text(NADAM)
+    cfg = compose("optimizer=nadam", "trainer.epochs=2")
+    assert to_dict(cfg)["optimizer"] == yaml.safe_load(NADAM)  # what params.yaml and MLflow get
+    assert validate(yaml.safe_load(params_yaml(cfg))) == cfg
+    assert scaled_optimizer(cfg.optimizer, 4).learning_rate == pytest.approx(0.008)
+    assert scaled_optimizer(cfg.optimizer, 4).arguments() == cfg.optimizer.arguments()
+
+    optimizer = make_optimizer(cfg.optimizer, steps_per_epoch=4, epochs=2)
+    assert type(optimizer) is keras.optimizers.Nadam
+    assert (optimizer.beta_1, optimizer.beta_2, optimizer.epsilon, optimizer.weight_decay,
+            optimizer.clipnorm) == (0.85, 0.99, 1e-6, 0.001, 2.0)
+    model = build_model((8, 8, 1), 3, filters=[2], dense_units=[])
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    model.fit(np.zeros((16, 8, 8, 1), "float32"), np.array([0, 1, 2, 0] * 4), batch_size=4,
+              epochs=1, verbose=0)
+    lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    assert lr == pytest.approx(0.002 * 0.5)  # the exponential schedule: x0.5 per epoch of 4 steps
+
+
+@pytest.mark.parametrize("line,new_line,message", [
+    ("class_name: Nadam", "class_name: Nadma", "optimizer.class_name='Nadma': not an optimizer "
+     "class of keras.optimizers; choose one of Adadelta, "),
+    ("class_name: Nadam", "class_name: nadam", "; for example optimizer.class_name=Nadam"),
+    ("beta_1: 0.85", "betta_1: 0.85", "optimizer.betta_1=0.85: not an argument of "
+     "keras.optimizers.Nadam; its arguments are beta_1, beta_2, epsilon, weight_decay, "),
+    ("clipnorm: 2.0", "clipnorm: 2.0\nmomentum: 0.9",
+     "optimizer.momentum=0.9: not an argument of keras.optimizers.Nadam"),
+    ("learning_rate: 0.002", "learning_rate: -0.1",
+     "optimizer.learning_rate=-0.1: must be positive"),
+    ("beta_2: 0.99", "beta_2: 1.0", "optimizer.beta_2=1.0: must lie in [0, 1)"),
+])
+def test_a_misspelt_class_or_argument_in_the_yaml_is_one_line(conf_copy, line, new_line,
+                                                                 message):
+    assert line in NADAM
+    (conf_copy / "optimizer" / "nadam.yaml").write_text(NADAM.replace(line, new_line))
+    with pytest.raises(ConfigError) as err:
+        compose("optimizer=nadam")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_an_optimizer_that_cannot_be_built_raises_rather_than_training_another():
+    from pipeline.train import make_optimizer
+
+    cfg = dataclasses.replace(compose().optimizer, class_name="Nadma")
+    with pytest.raises(ConfigError, match="optimizer.class_name='Nadma': not an optimizer"):
+        make_optimizer(cfg)
 
 
 @pytest.mark.parametrize("seed", [0, 2**32 - 1])

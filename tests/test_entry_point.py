@@ -114,6 +114,10 @@ def test_unknown_names_fail_at_composition(project, override, message):
     (["-m", "hydra/launcher=joblib", "model=small_cnn,resnet", "trainer.epochs=1,2"],
      "model='resnet': unknown model"),
     (["experiment=compare_optimizers", "+trainer.epoch=1"], "trainer.epoch"),
+    (["-m", "optimizer=adam,rmsprop", "optimizer.class_name=Nadma"],
+     "optimizer.class_name='Nadma': not an optimizer class of keras.optimizers; choose one of"),
+    (["+optimizer.betta_1=0.9"], "optimizer.betta_1=0.9: not an argument of "
+     "keras.optimizers.Adam; its arguments are beta_1, "),
 ])
 @pytest.mark.unit
 def test_command_lines_are_checked_as_hydra_would_compose_them(argv, message):

@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.models import backbone_of, build_pretrained
 from pipeline.train import batchnorm_layers, train
 from tests.conftest import compose, copy_project, mlflow_runs, run, write_image_folder
-from tests.test_resume import Killed, KillAfter
+from tests.test_resume import KillAfter, Killed
 
 CATS = {"cat": 7, "non-cat": 9}  # sneakers play the cats, ankle boots the rest
 EPOCHS, FREEZE = 3, 1

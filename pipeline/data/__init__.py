@@ -2,39 +2,39 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import (
-    DataConfig,
-    FashionMnistConfig,
-    Hdf5Config,
-    ImageFolderConfig,
-    KerasDatasetConfig,
-)
-from pipeline.data import fashion_mnist, hdf5, image_folder, keras_datasets
+from pipeline.config import DataConfig
 from pipeline.data.dataset import Dataset
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
-__all__ = ["Dataset", "load_dataset", "with_positive_class"]
+__all__ = ["Dataset", "load_dataset", "source_loader", "with_positive_class"]
 
 
 def load_dataset(cfg: DataConfig, root: Path, seed: int = 0) -> Dataset:
     """Load the dataset `cfg` describes; relative paths are taken from `root`."""
-    root = Path(root)
-    if isinstance(cfg, FashionMnistConfig):
-        data = fashion_mnist.load(root / cfg.path, verify_md5=cfg.verify_md5)
-    elif isinstance(cfg, ImageFolderConfig):
-        data = image_folder.load(cfg, root, seed)
-    elif isinstance(cfg, Hdf5Config):
-        data = hdf5.load(cfg, root)
-    elif isinstance(cfg, KerasDatasetConfig):
-        data = keras_datasets.load(cfg.dataset)
-    else:
-        raise AssertionError(f"data source {cfg.name!r} passed validation but has no loader")
+    data = source_loader(type(cfg))(cfg, Path(root), seed)
     return with_positive_class(data, cfg.positive_class)
+
+
+def source_loader(schema: type[DataConfig]) -> Callable[[DataConfig, Path, int], Dataset]:
+    """The loader that `@data_source` registered with `schema` (pipeline/config.py).
+
+    Raises:
+        ConfigError: `schema` has no registration of its own (a subclass does not inherit
+            its parent's loader).
+    """
+    spec = vars(schema).get("loader")
+    if spec is None:
+        raise ConfigError(f"data source {schema.__name__} has no loader; register it with "
+                          "@data_source(name, loader='module:function') in pipeline/config.py")
+    module, _, function = spec.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def with_positive_class(data: Dataset, positive: str | None) -> Dataset:

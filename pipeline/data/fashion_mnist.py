@@ -84,6 +84,11 @@ def load(directory: Path, verify_md5: bool = True) -> Dataset:
                    class_names=list(CLASS_NAMES))
 
 
+def load_source(cfg, root: Path, seed: int = 0) -> Dataset:
+    """The `fashion_mnist` data source (pipeline.config.FashionMnistConfig)."""
+    return load(root / cfg.path, verify_md5=cfg.verify_md5)
+
+
 def _read(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path} not found; put the data in place with `make data` "

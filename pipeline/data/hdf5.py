@@ -74,7 +74,7 @@ def class_names_from(path: Path, key: str | None, num_labels: int) -> list[str]:
     return [c.decode() if isinstance(c, bytes) else str(c) for c in raw.reshape(-1)]
 
 
-def load(cfg: Hdf5Config, root: Path) -> Dataset:
+def load(cfg: Hdf5Config, root: Path, seed: int = 0) -> Dataset:  # the files fix the split
     path, test_path = root / cfg.path, root / cfg.test_path
     x_train, y_train, _ = read_split(path, cfg.x_key, cfg.y_key, ("data.x_key", "data.y_key"))
     x_test, y_test, _ = read_split(test_path, cfg.test_x_key, cfg.test_y_key,

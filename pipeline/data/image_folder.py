@@ -18,6 +18,7 @@ from pipeline.config import ImageFolderConfig
 from pipeline.data.dataset import Dataset
 from pipeline.data.split import split_off
 from pipeline.errors import DataError
+from pipeline.shards import BlockSums
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PIL_MODES = {"rgb": "RGB", "grayscale": "L"}
@@ -120,20 +121,21 @@ class ImageFiles:
         return ImageFiles(tuple(paths), self.size, self.mode)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        images = np.concatenate([chunk for chunk, _ in Decoder(1).decoded(self)]
+        images = np.concatenate([chunk for chunk, *_ in Decoder(1).decoded(self)]
                                 or [np.empty((0, *self.shape[1:]), np.uint8)])
         return images if dtype is None else images.astype(dtype)
 
 
 def decode_chunk(paths: tuple[Path, ...], size: tuple[int, int], mode: str
-                 ) -> tuple[np.ndarray, int]:
-    """The images of `paths` as one uint8 array, and how many were resized."""
+                 ) -> tuple[np.ndarray, int, BlockSums]:
+    """The images of `paths` as one uint8 array, how many were resized, and their sums and
+    digests (computed here, in the worker, not in the process writing the shards)."""
     images = np.empty((len(paths), *size, 3 if mode == "rgb" else 1), dtype=np.uint8)
     resized = 0
     for i, path in enumerate(paths):
         images[i], was_resized = read_image(path, size, mode)
         resized += was_resized
-    return images, resized
+    return images, resized, BlockSums.of(images)
 
 
 def _ignore_interrupt() -> None:
@@ -170,9 +172,10 @@ class Decoder:
         self._executor = None
 
     def decoded(self, files: ImageFiles,
-                chunk: int = DECODE_CHUNK) -> Iterator[tuple[np.ndarray, int]]:
-        """(images, number resized) of `files`, `chunk` at a time, in order, with at most a
-        few chunks per worker in flight (memory stays bounded whatever the number of files).
+                chunk: int = DECODE_CHUNK) -> Iterator[tuple[np.ndarray, int, BlockSums]]:
+        """(images, number resized, their sums) of `files`, `chunk` at a time, in order, with
+        at most a few chunks per worker in flight (memory stays bounded whatever the number of
+        files).
         The result does not depend on the number of workers.
 
         Raises:

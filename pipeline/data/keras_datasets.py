@@ -38,3 +38,8 @@ def load(dataset: str) -> Dataset:
 
     return Dataset(images(x_train), y_train.reshape(-1).astype(np.int64), images(x_test),
                    y_test.reshape(-1).astype(np.int64), CLASS_NAMES[dataset])
+
+
+def load_source(cfg, root, seed: int = 0) -> Dataset:
+    """The `keras` data source (pipeline.config.KerasDatasetConfig)."""
+    return load(cfg.dataset)

@@ -1,0 +1,1 @@
+"""The project's Hydra plugins: the Optuna sweeper behind `hparams_search=optuna`."""
