@@ -108,20 +108,26 @@ def check_splits(splits: dict[str, tuple], class_names: list[str],
                             "or fix the labels")
 
 
-def image_chunks(x: np.ndarray | ImageFiles, decoder: Decoder, resized: list[int],
-                 progress: Progress):
-    """(images, their sums or None) of `x` in order, a shard or a decoded chunk at a time;
-    counts the images decoded at another size in `resized[0]`, and reports those decoded to
-    `progress`."""
+def write_split(folder: Path, x: np.ndarray | ImageFiles, y: np.ndarray, decoder: Decoder,
+                resized: list[int], progress: Progress) -> shards.SplitSummary:
+    """Write one split as shards under `folder`: images in memory a shard at a time; image
+    files decoded by the workers straight into their places in the shards. Counts the images
+    decoded at another size in `resized[0]` and reports those decoded to `progress`."""
     if isinstance(x, np.ndarray):
-        step = shards.shard_length(x.shape[1:])
-        for start in range(0, len(x), step):
-            yield x[start:start + step], None
-        return
-    for images, count, sums in decoder.decoded(x):
+        writer = shards.ShardWriter(folder, x.shape[1:])
+        for start in range(0, len(x), writer.length):
+            writer.add(x[start:start + writer.length])
+        return writer.close(y)
+    layout = shards.ShardLayout(folder, x.shape[1:], len(x))
+    layout.create()
+    sums = shards.PixelSums(x.shape[1:])
+    for done, count, block in decoder.decode_into(x, layout):
         resized[0] += count
-        progress.update(progress.done + len(images))
-        yield images, sums
+        sums.add(block)
+        progress.update(progress.done + done)
+    labels = np.asarray(y, dtype=np.int64)
+    shards.write_npy(folder / shards.LABELS_FILE, labels)
+    return sums.summary(labels)
 
 
 def write_prepared(prepared: Prepared, out_dir: Path, workers: int | None = None) -> None:
@@ -138,10 +144,7 @@ def write_prepared(prepared: Prepared, out_dir: Path, workers: int | None = None
     with atomic_dir(out_dir) as tmp, Decoder(workers) as decoder:
         digests = {}
         for name, (x, y) in prepared.splits.items():
-            writer = shards.ShardWriter(tmp / name, x.shape[1:])
-            for images, sums in image_chunks(x, decoder, resized, progress):
-                writer.add(images, sums)
-            summary = writer.close(y)
+            summary = write_split(tmp / name, x, y, decoder, resized, progress)
             digests[name] = summary.digest
             if name == "train":
                 prepared.meta.update(pixel_statistics(summary))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import math
 import os
 from collections.abc import Iterator
@@ -171,6 +172,72 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
         f.write(memoryview(array).cast("B"))
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """The `.npy` header of a uint8 array of `shape`, as `np.save` writes it."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": np.dtype(np.uint8).str,
+                                               "fortran_order": False, "shape": tuple(shape)})
+    return out.getvalue()
+
+
+class ShardLayout:
+    """The shards of a split of `count` images, created empty at their full size, so that the
+    processes decoding the images write each one straight to its place (`write_images`):
+    nothing passes through the process that made the layout, and the files are the same bytes
+    as `ShardWriter`'s whatever the order in which the places are filled."""
+
+    def __init__(self, folder: Path, image_shape: tuple[int, ...], count: int,
+                 length: int | None = None):
+        self.folder = Path(folder)
+        self.image_shape = tuple(image_shape)
+        self.count = count
+        self.length = length or shard_length(self.image_shape)
+        self.image_bytes = math.prod(self.image_shape)
+
+    def create(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for shard, start in enumerate(range(0, self.count, self.length)):
+            images = min(self.length, self.count - start)
+            header = npy_header((images, *self.image_shape))
+            with open(self.path(shard), "wb") as f:
+                f.write(header)
+                f.truncate(len(header) + images * self.image_bytes)
+
+    def path(self, shard: int) -> Path:
+        return self.folder / IMAGES_PATTERN.format(shard)
+
+    def places(self, start: int, count: int) -> list[tuple[str, int, int]]:
+        """(file, byte offset, images) runs where images start..start+count go."""
+        runs = []
+        while count > 0:
+            shard, index = divmod(start, self.length)
+            images = min(self.length, self.count - shard * self.length)
+            header = len(npy_header((images, *self.image_shape)))
+            take = min(count, images - index)
+            runs.append((str(self.path(shard)), header + index * self.image_bytes, take))
+            start, count = start + take, count - take
+        return runs
+
+
+def write_images(images: np.ndarray, places: list[tuple[str, int, int]]) -> None:
+    """Write `images` to the runs of `ShardLayout.places`, in order."""
+    images = np.ascontiguousarray(images)
+    first = 0
+    for path, offset, count in places:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            data = memoryview(images[first:first + count]).cast("B")
+            while data:
+                try:
+                    written = os.pwrite(fd, data, offset)
+                except OSError as err:  # name the file, as open() would
+                    raise OSError(err.errno, err.strerror, path) from None
+                data, offset = data[written:], offset + written
+        finally:
+            os.close(fd)
+        first += count
 
 
 def summarize(images: np.ndarray) -> SplitSummary:

@@ -148,3 +148,20 @@ def test_prepare_stopped_midway_ends_with_one_line_and_nothing_half_written(
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".prepared")] == []
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert alive == [], [w.cmdline() for w in alive]
+
+
+@pytest.mark.unit
+def test_images_written_to_their_places_give_the_writers_bytes(tmp_path):
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (75, 3, 4, 2), dtype=np.uint8)
+    labels = rng.integers(0, 2, 75)
+    write_shards(tmp_path / "written", images, labels, length=20)
+    layout = shards.ShardLayout(tmp_path / "placed", (3, 4, 2), 75, length=20)
+    layout.create()
+    for start in reversed(range(0, 75, 16)):  # any order, in runs across shard boundaries
+        block = images[start:start + 16]
+        shards.write_images(block, layout.places(start, len(block)))
+    for shard in range(4):
+        name = shards.IMAGES_PATTERN.format(shard)
+        assert (tmp_path / "placed" / name).read_bytes() == \
+            (tmp_path / "written" / name).read_bytes()

@@ -18,7 +18,7 @@ from pipeline.config import ImageFolderConfig
 from pipeline.data.dataset import Dataset
 from pipeline.data.split import split_off
 from pipeline.errors import DataError
-from pipeline.shards import BlockSums
+from pipeline.shards import BlockSums, ShardLayout, write_images
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PIL_MODES = {"rgb": "RGB", "grayscale": "L"}
@@ -138,6 +138,15 @@ def decode_chunk(paths: tuple[Path, ...], size: tuple[int, int], mode: str
     return images, resized, BlockSums.of(images)
 
 
+def decode_into(paths: tuple[Path, ...], size: tuple[int, int], mode: str,
+                places: list[tuple[str, int, int]]) -> tuple[int, BlockSums]:
+    """Decode `paths` and write the images straight to their places in the shards
+    (`ShardLayout.places`); return how many were resized and their sums."""
+    images, resized, sums = decode_chunk(paths, size, mode)
+    write_images(images, places)
+    return resized, sums
+
+
 def _ignore_interrupt() -> None:
     """Workers leave Ctrl-C to the main process, which stops them all."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -173,18 +182,36 @@ class Decoder:
 
     def decoded(self, files: ImageFiles,
                 chunk: int = DECODE_CHUNK) -> Iterator[tuple[np.ndarray, int, BlockSums]]:
-        """(images, number resized, their sums) of `files`, `chunk` at a time, in order, with
-        at most a few chunks per worker in flight (memory stays bounded whatever the number of
-        files).
-        The result does not depend on the number of workers.
+        """(images, number resized, their sums) of `files`, `chunk` at a time, in order.
 
         Raises:
             DataError: a file is not a readable image (named), or a worker died.
         """
         parts = [files.paths[i:i + chunk] for i in range(0, len(files), chunk)]
-        if self.workers == 1 or len(parts) <= 1:
-            for part in parts:
-                yield decode_chunk(part, files.size, files.mode)
+        yield from self._map(decode_chunk, [(part, files.size, files.mode) for part in parts])
+
+    def decode_into(self, files: ImageFiles, layout: ShardLayout,
+                    chunk: int = DECODE_CHUNK) -> Iterator[tuple[int, int, BlockSums]]:
+        """Decode `files` into the shards of `layout` (created), the workers writing each
+        image to its place; yield (images done, number resized, their sums) a chunk at a
+        time, in order. The shards do not depend on the number of workers.
+
+        Raises:
+            DataError: a file is not a readable image (named), or a worker died.
+        """
+        starts = range(0, len(files), chunk)
+        tasks = [(files.paths[i:i + chunk], files.size, files.mode,
+                  layout.places(i, min(chunk, len(files) - i))) for i in starts]
+        for (paths, *_), (resized, sums) in zip(tasks, self._map(decode_into, tasks)):
+            yield len(paths), resized, sums
+
+    def _map(self, function, tasks: list[tuple]) -> Iterator:
+        """`function(*task)` for each task, in order, in the workers, with at most a few tasks
+        per worker in flight (memory stays bounded whatever the number of tasks); the first
+        argument of a task is its files, named when a worker dies on them."""
+        if self.workers == 1 or len(tasks) <= 1:
+            for task in tasks:
+                yield function(*task)
             return
         if self._executor is None:
             self._executor = ProcessPoolExecutor(
@@ -192,15 +219,14 @@ class Decoder:
                 initializer=_ignore_interrupt)
         pending: deque = deque()
         try:
-            for part in parts:
-                pending.append((part, self._executor.submit(decode_chunk, part, files.size,
-                                                            files.mode)))
+            for task in tasks:
+                pending.append((task[0], self._executor.submit(function, *task)))
                 if len(pending) >= IN_FLIGHT_PER_WORKER * self.workers:
                     yield pending.popleft()[1].result()
             while pending:
                 yield pending.popleft()[1].result()
         except BrokenProcessPool:
-            where = pending[0][0][0] if pending else files.paths[-1]
+            where = pending[0][0][0] if pending else tasks[-1][0][-1]
             raise DataError(f"an image-decoding worker died (killed, or out of memory) near "
                             f"{where}; run prepare again, with fewer data.workers if memory is "
                             "short") from None
