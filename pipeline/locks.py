@@ -21,7 +21,7 @@ import psutil
 from pipeline.errors import PipelineError, run_cli
 from pipeline.files import write_text
 from pipeline.processes import is_running
-from pipeline.tracking import project_root
+from pipeline.project import project_root
 
 RWLOCK = Path(".dvc") / "tmp" / "rwlock"
 STAGE_MODULES = ("pipeline.prepare", "pipeline.build", "pipeline.train", "pipeline.evaluate")

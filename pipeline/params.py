@@ -33,7 +33,7 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError, run_cli
 from pipeline.files import write_text
-from pipeline.tracking import project_root
+from pipeline.project import project_root
 
 SWEEP_HINT = "params.yaml holds one config: run the sweep with `python -m pipeline {0}`"
 

@@ -12,12 +12,10 @@ timeout, so neither the first-use migration nor a write can race.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
 import socket
-import subprocess
 import urllib.parse
 import urllib.request
 import warnings
@@ -26,15 +24,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.config import Config, flatten, to_dict
 from pipeline.errors import ConfigError, PipelineError, TrialPruned, sigterm_interrupts
 from pipeline.processes import is_running
+from pipeline.project import (  # noqa: F401  (still reached as tracking.X by the stages)
+    _git,
+    data_location,
+    data_md5,
+    file_lock,
+    project_root,
+)
 
 DEFAULT_STORE = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
-PROJECT_MARKERS = ("dvc.yaml", "conf")
 SQLITE_BUSY_TIMEOUT_S = 120
 MLFLOW_SCHEME_NAMES = ("databricks", "databricks-uc", "uc")  # URIs with no `:`, not paths
 SWEEP_ID_TAG = "sweep.id"
@@ -51,20 +53,6 @@ class TrackingError(PipelineError):
     """The MLflow store cannot be used."""
 
 
-def project_root(start: Path | None = None) -> Path:
-    """The project folder, also from DVC's temporary experiment copies and Hydra's run folders.
-
-    DVC sets DVC_ROOT to the parent repository for queued and temporary experiments.
-    """
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if all((folder / marker).exists() for marker in PROJECT_MARKERS):
-            return folder
-    return here
-
-
 def tracking_uri(configured: str | None, root: Path) -> str:
     """The configured URI, else $MLFLOW_TRACKING_URI, else SQLite `mlflow.db` at the root.
 
@@ -77,32 +65,9 @@ def tracking_uri(configured: str | None, root: Path) -> str:
     return f"sqlite:///{(root / DEFAULT_STORE).resolve()}"
 
 
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
-
-
-def data_md5(data_path: Path) -> str | None:
-    """The md5 DVC recorded for the data in `<data_path>.dvc`, if that file exists."""
-    dvc_file = Path(f"{data_path}.dvc")
-    if not dvc_file.is_file():
-        return None
-    with dvc_file.open() as f:
-        outs = (yaml.safe_load(f) or {}).get("outs") or [{}]
-    return outs[0].get("md5")
-
-
 # What DVC writes for a run (the composed params, the lock of the stages' hashes): the run
 # logs them, so they differ from the commit without making the code dirty.
 RUN_FILES = ("params.yaml", "dvc.lock")
-
-
-def data_location(cfg: Config, root: Path) -> Path:
-    """The data the run reads, whose `.dvc` file holds its version (relative to `root`)."""
-    return Path(cfg.data.path) if Path(cfg.data.path).is_absolute() else root / cfg.data.path
 
 
 def lineage_tags(root: Path, data_path: Path, entry_point: str) -> dict[str, str]:
@@ -138,18 +103,6 @@ def metric_key(name: str) -> str:
     """`name` as MLflow accepts a metric key: letters, digits and `_ - . : /` and spaces kept,
     anything else (a class folder's `(`, `&`, `'`, `+`, `,`) replaced by `_`."""
     return re.sub(r"[^\w\-. :/]", "_", name)
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between processes on this machine, held for the `with` block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def sqlite_path(uri: str) -> Path | None:
