@@ -4,6 +4,7 @@
     python -m pipeline.predict <run id> photos/ --json                       # a run's model
     python -m pipeline.predict models:/m-<id> photos/ --top 3                # a logged model
     python -m pipeline.predict models:/<name>/<version> photos/              # a registered one
+    python -m pipeline.predict models:/<name>@champion photos/               # by its alias
 
 Prints one line per image: its path, the predicted class and its probability. Folders are
 searched, with their subfolders, for .png, .jpg, .jpeg, .bmp and .gif files.
@@ -47,6 +48,7 @@ from pipeline.progress import Progress
 
 if TYPE_CHECKING:
     import keras
+    from mlflow.entities import LoggedModel, Run
 
 COLOR_MODES = {1: "grayscale", 3: "rgb"}  # the model's channels -> data.color_mode
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -100,7 +102,7 @@ def load_predictor(model_ref: str,
     Args:
         model_ref: a `.keras` file; an MLflow run id (the run's logged model); a `runs:/`
             or `models:/` URI (a logged model `models:/m-<id>`, or a registered one
-            `models:/<name>/<version>`).
+            `models:/<name>/<version>` or `models:/<name>@<alias>`, see pipeline.promote).
         tracking_uri: the MLflow store for run ids and URIs; default the project's.
 
     Raises:
@@ -166,18 +168,23 @@ def _load_logged_model(model_ref: str, uri: str) -> tuple[keras.Model, list[str]
 
 def _run_model_uri(run_id: str) -> str:
     """`models:/<model id>` of the one model the run logged."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    run = MlflowClient().get_run(run_id)
-    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                         filter_string=f"source_run_id = '{run_id}'",
-                                         output_format="list")
+    models = logged_models(MlflowClient().get_run(run_id))
     if len(models) != 1:
         logged = ", ".join(m.model_uri for m in models) or "none"
         raise PredictError(f"run {run_id} must have logged exactly one model to predict with, "
                            f"it logged {len(models)} ({logged}); give a models:/ URI instead")
     return models[0].model_uri
+
+
+def logged_models(run: Run) -> list[LoggedModel]:
+    """The models `run` logged, in the store MLflow is connected to (train logs one)."""
+    import mlflow
+
+    return mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                       filter_string=f"source_run_id = '{run.info.run_id}'",
+                                       output_format="list")
 
 
 def _checked(model: keras.Model, labels: dict | None,

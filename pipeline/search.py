@@ -24,7 +24,8 @@ What survives what:
 In MLflow the study is one sweep (`pipeline.sweep`, sweep id = the study name): a parent run
 with the study's settings as params and a child run per trial; at the end the parent gets the
 best trial's values and metrics, Optuna's optimisation history and parameter importances as
-PNG, and the comparison report of the finished runs.
+PNG, and the comparison report of the finished runs; the best trial's model is registered as
+`models:/<mlflow.experiment_name>@champion` (`pipeline.promote`).
 """
 
 from __future__ import annotations
@@ -513,7 +514,8 @@ def count_states(study: optuna.Study) -> str:
 
 
 def report_study(study: optuna.Study, parent_run_id: str | None, out_dir: Path) -> None:
-    """Print the best trial and log it, with Optuna's plots, to the study's parent run."""
+    """Print the best trial and log it, with Optuna's plots, to the study's parent run; promote
+    its model (`promote_best`)."""
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     print(f"\nsearch {study.study_name}: {count_states(study)}", flush=True)
     if not completed:
@@ -528,6 +530,21 @@ def report_study(study: optuna.Study, parent_run_id: str | None, out_dir: Path) 
     figures = plot_study(study, out_dir)
     if parent_run_id:
         log_best(parent_run_id, best, figures)
+    if run_id:
+        promote_best(study.study_name, best.number, run_id)
+
+
+def promote_best(study_name: str, number: int, run_id: str) -> None:
+    """Register the best trial's model as `models:/<experiment>@champion` (pipeline.promote);
+    a best trial without a model is left out with a line, and the study ends as it would."""
+    from pipeline.promote import promote, summary
+
+    try:
+        version = promote(run_id)
+    except PipelineError as err:
+        print(f"search {study_name}: best trial {number} not promoted: {err}", flush=True)
+        return
+    print(f"search {study_name}: {summary(version)}", flush=True)
 
 
 def log_best(parent_run_id: str, best: FrozenTrial, figures: list[Path]) -> None:
