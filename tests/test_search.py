@@ -260,6 +260,7 @@ def test_train_with_early_stopping_ends_with_the_best_epochs_weights():
 
 # --- studies from the command line ------------------------------------------------------------
 
+@pytest.mark.slow  # a minute of three trials: make test stays short, CI runs it
 def test_a_study_records_complete_failed_and_pruned_trials(project):
     """Three queued trials: a good one completes, one with a learning rate that makes the loss
     NaN fails and the study goes on, and a hopeless one is pruned after its first epoch."""
