@@ -126,15 +126,26 @@ def test_prepare_stopped_midway_ends_with_one_line_and_nothing_half_written(
                   "data.workers=2", "paths.prepared=prepared"], tmp_path / "params.yaml")
     process = subprocess.Popen([sys.executable, "-m", "pipeline.prepare"], cwd=tmp_path,
                                env=env(), stderr=subprocess.PIPE, text=True)
+    def decoding_workers():
+        found = []
+        for child in psutil.Process(process.pid).children(recursive=True):
+            try:
+                if "spawn_main" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
     workers = []
-    for _ in range(200):
-        workers = psutil.Process(process.pid).children(recursive=True)
+    for _ in range(300):
+        workers = decoding_workers()
         if len(workers) >= 2:
             break
         time.sleep(0.1)
-    time.sleep(2.0)
+    workers = psutil.Process(process.pid).children(recursive=True)  # all, for the end check
+    time.sleep(0.5)
     if how == "kill a worker":
-        workers[-1].send_signal(signal.SIGKILL)
+        decoding_workers()[0].send_signal(signal.SIGKILL)
     else:
         process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
