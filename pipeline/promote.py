@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from pipeline import tracking
 from pipeline.errors import PipelineError, run_cli
 from pipeline.metric_names import TEST_ACCURACY, VAL_ACCURACY
+from pipeline.predict import _first_line
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -186,11 +187,6 @@ def _store() -> str:
     import mlflow
 
     return mlflow.get_tracking_uri()
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
