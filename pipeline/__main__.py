@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import backend, build, evaluate, invariance, prepare, tracking, train
+from pipeline import backend, build, evaluate, invariance, prepare, project, tracking, train
 from pipeline.config import Config, validate
 from pipeline.errors import (
     ConfigError,
@@ -53,7 +53,7 @@ def main(raw: DictConfig) -> float:
     out_root = Path(hydra_cfg.runtime.output_dir)
     try:
         cfg = validate(OmegaConf.to_container(raw, resolve=True))
-        root = tracking.project_root()
+        root = project.project_root()
         tracking.connect(tracking.tracking_uri(cfg.mlflow.tracking_uri, root))
         tracking.ensure_experiment(cfg.mlflow.experiment_name)  # a deleted one fails now
         if cfg.invariance.baseline_run:  # a bad baseline fails now, not after training

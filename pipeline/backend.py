@@ -50,16 +50,28 @@ def configure(seed: int, deterministic: bool, precision: str = "float32") -> Non
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags as Linux lists them; empty where there is no such file."""
+def _cpuinfo_field(name: str, cpuinfo: str) -> str | None:
+    """The first `name` line's value in Linux's /proc/cpuinfo; None where there is none."""
     try:
         with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags as Linux lists them; empty where there is no such file."""
+    return set((_cpuinfo_field("flags", cpuinfo) or "").split())
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name, for benchmark reports."""
+    import platform
+
+    return _cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine()
 
 
 def resolve_precision(precision: str, flags: set[str] | None = None,

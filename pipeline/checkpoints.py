@@ -9,9 +9,11 @@ with the weights an uninterrupted run ends with, while any change starts afresh.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
+import os
 import shutil
 import signal
 from collections.abc import Iterator
@@ -148,6 +150,25 @@ class Checkpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextmanager
+def claimed(folder: Path) -> Iterator[Checkpoint]:
+    """The checkpoint in `folder`, held by this process for the block. Two trainings of one
+    config at the same time (two search processes that drew the same values, two terminals)
+    would resume each other's epochs: the second gets a folder of its own and starts from the
+    first epoch."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            own = folder.with_name(f"{folder.name}-{os.getpid()}")
+            print(f"train: another process trains the same config with the checkpoint {folder};"
+                  f" this one keeps its own, {own}", flush=True)
+            yield Checkpoint(own)
+            return
+        yield Checkpoint(folder)
 
 
 @contextmanager

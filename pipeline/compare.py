@@ -25,7 +25,7 @@ from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import project, tracking
 from pipeline.config import PARAMS_FILE, load_params
 from pipeline.errors import PipelineError, run_cli
 from pipeline.figures import save_figure
@@ -430,7 +430,7 @@ def _shown(path: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    root = tracking.project_root()
+    root = project.project_root()
     configured = args.tracking_uri
     if configured is None and (root / PARAMS_FILE).is_file():
         configured = load_params(root / PARAMS_FILE).mlflow.tracking_uri

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -41,6 +42,7 @@ from pipeline.metric_names import (
     TEST_LOSS,
 )
 from pipeline.prepare import read_meta, read_split
+from pipeline.project import data_location, project_root
 from pipeline.stream import predict
 
 CONFUSION_PNG = "confusion_matrix.png"
@@ -184,13 +186,6 @@ def shift_summary(curve: list[dict], baseline: list[dict] | None) -> dict:
     return summary
 
 
-def log_shift_curve(mlflow, curve: list[dict]) -> None:
-    """The curve as MLflow metrics with step = shift, where a baseline comparison reads it."""
-    for row in curve:
-        mlflow.log_metrics({name: row[key] for key, name in invariance.CURVE_METRICS.items()},
-                           step=row["shift"])
-
-
 def draw_first_layer(model: keras.Model, x: np.ndarray, y: np.ndarray, class_names: list[str],
                      figures: Path) -> None:
     """What the filters learned: the first conv layer's filters, and their feature maps for
@@ -210,68 +205,105 @@ def read_history(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+@dataclass
+class Results:
+    """What evaluating a model on the test split found."""
+    metrics: dict  # the headline figures, the shift summary under "shift"
+    per_class: dict[str, dict[str, float]]
+    matrix: np.ndarray
+    predicted: np.ndarray
+    curves: dict[str, dict[str, np.ndarray]]  # ROC and precision-recall
+    shift: list[dict]  # the shift curve, a row per shift
+
+
+def assess(model: keras.Model, x_test, y_test: np.ndarray, class_names: list[str], cfg: Config,
+           baseline: tuple[str, list[dict]] | None) -> Results:
+    """Score the model on the test split and on its shifted copies."""
+    metrics, per_class, matrix, predicted, curves = evaluate(
+        model, x_test, y_test, class_names, cfg.trainer.batch_size)
+    shift = invariance.shift_curve(
+        lambda images: predict_labels(model, images, cfg.trainer.batch_size),
+        x_test, y_test, cfg.invariance.max_shift, reference=predicted,
+        block=cfg.trainer.batch_size * SHIFT_BLOCK_BATCHES)
+    metrics["shift"] = shift_summary(shift, baseline[1] if baseline else None)
+    return Results(metrics, per_class, matrix, predicted, curves, shift)
+
+
+def write_results(results: Results, model: keras.Model, x_test, y_test: np.ndarray,
+                  class_names: list[str], history: list[dict[str, float]],
+                  baseline: tuple[str, list[dict]] | None, cfg: Config, out_root: Path) -> None:
+    """The stage's files: metrics, per-class figures, the DVC plots' CSVs and the PNGs."""
+    write_json(out_root / cfg.paths.metrics, results.metrics)
+    write_json(out_root / cfg.paths.per_class, results.per_class)
+    write_text(out_root / cfg.paths.confusion,
+               confusion_csv(y_test, results.predicted, class_names))
+    for name, path in (("roc", cfg.paths.roc), ("precision_recall", cfg.paths.precision_recall)):
+        write_text(out_root / path, curve_csv(results.curves[name]))
+    write_text(out_root / cfg.paths.shift, curve_csv(invariance.curve_columns(results.shift)))
+    figures = out_root / cfg.paths.figures
+    save_figure(plot_confusion_matrix(results.matrix, class_names), figures / CONFUSION_PNG)
+    save_figure(plot_learning_curves(history), figures / CURVES_PNG)
+    save_figure(plot_roc_pr(results.curves, results.metrics, curve_label(class_names)),
+                figures / ROC_PR_PNG)
+    shift_curves = {model.name: results.shift}
+    if baseline:
+        shift_curves[f"{baseline[0]} (baseline)"] = baseline[1]
+    save_figure(plot_shift_curves(shift_curves), figures / SHIFT_PNG)
+    draw_first_layer(model, x_test, y_test, class_names, figures)
+
+
+def logged_metrics(results: Results) -> dict[str, float]:
+    """The numbers the run gets once: the headline figures, the shift summary flattened
+    (`shift.mean_agreement`, ...) and each class's F1 under a key MLflow accepts."""
+    numbers = {k: v for k, v in results.metrics.items() if isinstance(v, (int, float))}
+    numbers.update(flatten({"shift": results.metrics["shift"]}))
+    numbers.update({tracking.metric_key(f"test_f1.{name}"): scores["f1"]
+                    for name, scores in results.per_class.items()})
+    return numbers
+
+
+def log_results(results: Results, cfg: Config, out_root: Path) -> None:
+    """Add the results to the run: the numbers, the shift curve with step = shift (where a
+    baseline comparison reads it), the figures and the metrics files."""
+    tracking.log_metrics(logged_metrics(results))
+    for row in results.shift:
+        tracking.log_metrics({name: row[key] for key, name in invariance.CURVE_METRICS.items()},
+                             step=row["shift"])
+    tracking.log_folder(out_root / cfg.paths.figures, "figures")
+    tracking.log_files([out_root / cfg.paths.metrics, out_root / cfg.paths.per_class])
+
+
 def run(cfg: Config, root: Path, out_root: Path, entry_point: str) -> dict:
     """Evaluate the trained model on the test split; add the results to its MLflow run (or,
     when only evaluate's params changed since training, to a run of their own)."""
     backend.configure(cfg.seed, cfg.trainer.deterministic, cfg.trainer.precision)
     prepared = out_root / cfg.paths.prepared
     meta = read_meta(prepared)
+    class_names = meta["class_names"]
     x_test, y_test = read_split(prepared, "test")
     run_id = read_json(out_root / cfg.paths.run)["run_id"]
     model = keras.models.load_model(out_root / cfg.paths.model)
-    with tracking.evaluation_run(cfg, root, run_id, entry_point,
-                                 tracking.data_location(cfg, root)) as active:
+    history = read_history(out_root / cfg.paths.history)
+    data_path = data_location(cfg, root)
+    with tracking.evaluation_run(cfg, root, run_id, entry_point, data_path) as active:
         run_id = active.info.run_id
-        import mlflow
-
-        tracking.log_datasets(cfg, tracking.data_location(cfg, root), meta, ("test",))
-
+        tracking.log_datasets(cfg, data_path, meta, ("test",))
         baseline_run = cfg.invariance.baseline_run
         baseline = invariance.fetch_baseline(baseline_run, cfg) if baseline_run else None
-        metrics, per_class, matrix, predicted, curves = evaluate(
-            model, x_test, y_test, meta["class_names"], cfg.trainer.batch_size)
-        shift = invariance.shift_curve(
-            lambda images: predict_labels(model, images, cfg.trainer.batch_size),
-            x_test, y_test, cfg.invariance.max_shift, reference=predicted,
-            block=cfg.trainer.batch_size * SHIFT_BLOCK_BATCHES)
-        metrics["shift"] = shift_summary(shift, baseline[1] if baseline else None)
-        write_json(out_root / cfg.paths.metrics, metrics)
-        write_json(out_root / cfg.paths.per_class, per_class)
-        write_text(out_root / cfg.paths.confusion,
-                   confusion_csv(y_test, predicted, meta["class_names"]))
-        figures = out_root / cfg.paths.figures
-        save_figure(plot_confusion_matrix(matrix, meta["class_names"]), figures / CONFUSION_PNG)
-        history = read_history(out_root / cfg.paths.history)
-        save_figure(plot_learning_curves(history), figures / CURVES_PNG)
-        for name, path in (("roc", cfg.paths.roc),
-                           ("precision_recall", cfg.paths.precision_recall)):
-            write_text(out_root / path, curve_csv(curves[name]))
-        save_figure(plot_roc_pr(curves, metrics, curve_label(meta["class_names"])),
-                    figures / ROC_PR_PNG)
-        write_text(out_root / cfg.paths.shift, curve_csv(invariance.curve_columns(shift)))
-        shift_curves = {model.name: shift}
-        if baseline:
-            shift_curves[f"{baseline[0]} (baseline)"] = baseline[1]
-        save_figure(plot_shift_curves(shift_curves), figures / SHIFT_PNG)
-        draw_first_layer(model, x_test, y_test, meta["class_names"], figures)
-        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        log_shift_curve(mlflow, shift)
-        mlflow.log_metrics(flatten({"shift": metrics["shift"]}))
-        mlflow.log_metrics({tracking.metric_key(f"test_f1.{name}"): s["f1"]
-                            for name, s in per_class.items()})
-        mlflow.log_artifacts(str(figures), artifact_path="figures")
-        mlflow.log_artifact(str(out_root / cfg.paths.metrics))
-        mlflow.log_artifact(str(out_root / cfg.paths.per_class))
+        results = assess(model, x_test, y_test, class_names, cfg, baseline)
         warning = diagnostics.collapse_warning(
-            predicted=predicted, actual=y_test, split="test", class_names=meta["class_names"],
+            predicted=results.predicted, actual=y_test, split="test", class_names=class_names,
             train_accuracy=history[-1][ACCURACY] if history else float("nan"), history=history)
+        write_results(results, model, x_test, y_test, class_names, history, baseline, cfg,
+                      out_root)
+        log_results(results, cfg, out_root)
         if warning:
             tracking.set_warning(warning)
-    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri, tracking.project_root(root))
-    print_summary(cfg, out_root, metrics, run_id, uri)
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri, project_root(root))
+    print_summary(cfg, out_root, results.metrics, run_id, uri)
     if warning:
         print(warning, flush=True)
-    return metrics
+    return results.metrics
 
 
 def shift_line(shift: dict, max_shift: int) -> str:

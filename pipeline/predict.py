@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from pipeline import tracking
+from pipeline import project, tracking
 from pipeline.config import PathsConfig
 from pipeline.data.image_folder import EXTENSIONS, image_files, read_image
 from pipeline.errors import PipelineError, run_cli
@@ -112,7 +112,7 @@ def load_predictor(model_ref: str,
     if Path(model_ref).exists():
         return _load_keras_file(Path(model_ref))
     if RUN_ID.fullmatch(model_ref) or model_ref.startswith(MLFLOW_URI_PREFIXES):
-        uri = tracking_uri or tracking.tracking_uri(None, tracking.project_root())
+        uri = tracking_uri or tracking.tracking_uri(None, project.project_root())
         return _load_logged_model(model_ref, uri)
     raise PredictError(f"model {model_ref!r} not found: no such file, nor an MLflow run id or "
                        f"runs:/ or models:/ URI; give a trained .keras file (dvc repro writes "

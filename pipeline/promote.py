@@ -23,7 +23,7 @@ import argparse
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pipeline import tracking
+from pipeline import project, tracking
 from pipeline.errors import PipelineError, run_cli
 from pipeline.metric_names import TEST_ACCURACY, VAL_ACCURACY
 from pipeline.predict import _first_line
@@ -204,7 +204,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    uri = tracking.tracking_uri(args.tracking_uri, tracking.project_root())
+    uri = tracking.tracking_uri(args.tracking_uri, project.project_root())
     database = tracking.missing_store(uri)
     if database:
         raise PromoteError(f"no MLflow store at {database} to find run {args.run_id} in; train "

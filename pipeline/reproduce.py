@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import tracking
+from pipeline import project, tracking
 from pipeline.config import PARAMS_FILE, SECTIONS, Config, section_schema, validate
 from pipeline.errors import PipelineError, run_cli
 from pipeline.files import write_text
@@ -123,7 +123,7 @@ def check_checkout(root: Path, tags: dict[str, str]) -> None:
 
 def restore_data(root: Path, data_path: Path, tags: dict[str, str]) -> None:
     expected = tags.get("data.md5")
-    recorded = tracking.data_md5(data_path)
+    recorded = project.data_md5(data_path)
     if expected and recorded != expected:
         raise ReproduceError(f"{data_path}.dvc records data {recorded} but the run used "
                              f"{expected}; check out the run's commit first")
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    root = tracking.project_root()
+    root = project.project_root()
     uri = args.tracking_uri or tracking.tracking_uri(None, root)
     if tracking.missing_store(uri):
         raise ReproduceError(f"no MLflow store at {tracking.missing_store(uri)}; pass "

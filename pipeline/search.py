@@ -34,6 +34,8 @@ import gc
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 import traceback
 import warnings
@@ -59,7 +61,7 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline import tracking, trials
+from pipeline import project, tracking, trials
 from pipeline.config import SEARCH_KEY, validate
 from pipeline.errors import ConfigError, PipelineError, exiting_interrupted, fail
 from pipeline.metric_names import VAL_ACCURACY
@@ -73,6 +75,8 @@ SPACE_ATTR = "search_space"  # on the study: the space it was created with
 HOST_ATTR = tracking.HOST_TAG  # on each trial: the process that runs it, as on MLflow runs
 PID_ATTR = tracking.PID_TAG
 RETRY_OF_ATTR = "pipeline.retry_of"  # on a trial queued again: the interrupted trial's number
+ENV_WORKER = "PIPELINE_SEARCH_WORKER"  # set for the extra processes of `n_jobs`: 1, 2, ...
+WORKER_SEED_STRIDE = 7919  # between the sampler seeds of a search's processes
 HISTORY_PNG = "optimization_history.png"
 IMPORTANCE_PNG = "param_importances.png"
 FIGURES_ARTIFACT_DIR = "optuna"
@@ -101,6 +105,7 @@ class SearchConfig:
     startup_trials: int = MISSING  # median: trials that complete before any is pruned
     warmup_epochs: int = MISSING  # median: epochs a trial trains before it can be pruned
     sampler_seed: int = MISSING
+    n_jobs: int = MISSING  # search processes on this machine, sharing the study
 
     def __post_init__(self) -> None:
         _require(re.fullmatch(r"[\w.:-]+", self.study_name) is not None, "study_name",
@@ -115,6 +120,8 @@ class SearchConfig:
                  "must be >= 0", "5")
         _require(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs,
                  "must be >= 0", "1")
+        _require(self.n_jobs >= 1, "n_jobs", self.n_jobs,
+                 "must be a positive number of search processes", "2")
 
 
 def read_settings(raw: Any) -> SearchConfig:
@@ -293,7 +300,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     from sqlalchemy.exc import SQLAlchemyError
 
     database = tracking.sqlite_path(url)
-    lock = (tracking.file_lock(database.with_name(f"{database.name}.lock"))
+    lock = (project.file_lock(database.with_name(f"{database.name}.lock"))
             if database else nullcontext())
     engine = {"connect_args": {"timeout": tracking.SQLITE_BUSY_TIMEOUT_S}} if database else {}
     try:
@@ -343,8 +350,9 @@ def check_study(study: optuna.Study, space: SearchSpace) -> None:
 
 
 def open_study(settings: SearchConfig, storage: optuna.storages.BaseStorage,
-               space: SearchSpace) -> optuna.Study:
-    """Create the study, or load it to go on.
+               space: SearchSpace, worker: int = 0) -> optuna.Study:
+    """Create the study, or load it to go on. The `n_jobs` processes seed their samplers
+    apart (`worker` 0, 1, ...), so that their first, random draws differ.
 
     Raises:
         ConfigError: the study exists with another search space or direction.
@@ -356,7 +364,8 @@ def open_study(settings: SearchConfig, storage: optuna.storages.BaseStorage,
     study.set_user_attr(SPACE_ATTR, space.sources)
     # TPE's first trials are random draws from its seed: offset it by the trials there are,
     # so that a resumed study draws new values rather than its first trials' again
-    study.sampler = optuna.samplers.TPESampler(seed=settings.sampler_seed + len(study.trials))
+    study.sampler = optuna.samplers.TPESampler(
+        seed=settings.sampler_seed + len(study.trials) + WORKER_SEED_STRIDE * worker)
     return study
 
 
@@ -384,11 +393,13 @@ def tag_state(run_id: str, state: TrialState) -> None:
 def retry_interrupted(study: optuna.Study) -> list[int]:
     """Requeue the trials left RUNNING by processes of this host that are gone (kill -9);
     return their numbers. A trial of another host is never taken for gone."""
-    gone = [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if tracking.process_gone(trial.user_attrs.get(HOST_ATTR),
-                                     trial.user_attrs.get(PID_ATTR))]
-    for trial in gone:
-        requeue(study, trial.number, trial.params, trial.user_attrs.get(trials.RUN_ATTR))
+    with project.file_lock(study_lock(study.study_name)):  # one process requeues each
+        gone = [trial
+                for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if tracking.process_gone(trial.user_attrs.get(HOST_ATTR),
+                                         trial.user_attrs.get(PID_ATTR))]
+        for trial in gone:
+            requeue(study, trial.number, trial.params, trial.user_attrs.get(trials.RUN_ATTR))
     return [trial.number for trial in gone]
 
 
@@ -402,19 +413,39 @@ def trials_counted(study: optuna.Study) -> int:
                or (trial.state == TrialState.FAIL and trial.number not in retried))
 
 
+def study_lock(study_name: str) -> Path:
+    """The lock that the search processes of this machine take to count and start trials."""
+    return project.project_root() / ".dvc" / "tmp" / f"optuna-{study_name}.lock"
+
+
+def next_trial(study: optuna.Study, settings: SearchConfig,
+               space: SearchSpace) -> optuna.Trial | None:
+    """Start the next trial, or None once `n_trials` have ended or are running. The processes
+    of one machine count and ask under a lock, so that together they start exactly `n_trials`;
+    processes of several machines can overshoot by a trial each when they ask at the same
+    moment (as Optuna's own `MaxTrialsCallback` does)."""
+    with project.file_lock(study_lock(study.study_name)):
+        if trials_counted(study) >= settings.n_trials:
+            return None
+        trial = study.ask(space.distributions)
+        trial.set_user_attr(HOST_ATTR, socket.gethostname())
+        trial.set_user_attr(PID_ATTR, str(os.getpid()))
+    return trial
+
+
 def optimise(study: optuna.Study, settings: SearchConfig, space: SearchSpace,
              launch: Launch) -> None:
     """Run trials one after another until `n_trials` have ended or `timeout` has passed."""
     started = time.monotonic()
-    while (counted := trials_counted(study)) < settings.n_trials:
+    while True:
         if settings.timeout is not None and time.monotonic() - started > settings.timeout:
             print(f"search {study.study_name}: {settings.timeout:g} s passed "
-                  f"({SEARCH_KEY}.timeout); {counted} of {settings.n_trials} trials ended",
-                  flush=True)
+                  f"({SEARCH_KEY}.timeout); {trials_counted(study)} of {settings.n_trials} "
+                  "trials ended or running", flush=True)
             return
-        trial = study.ask(space.distributions)
-        trial.set_user_attr(HOST_ATTR, socket.gethostname())
-        trial.set_user_attr(PID_ATTR, str(os.getpid()))
+        trial = next_trial(study, settings, space)
+        if trial is None:
+            return
         run_trial(study, trial, space.fixed, launch)
 
 
@@ -620,7 +651,7 @@ def plan(raw_settings: Any, params: dict[str, str], arguments: Sequence[str],
     check_launcher(config)
     space = search_space(params, arguments)
     check_trials_compose(space, compose)
-    return settings, space, storage_url(settings.storage, tracking.project_root())
+    return settings, space, storage_url(settings.storage, project.project_root())
 
 
 def preflight(overrides: Sequence[str], composed: Sequence[str]) -> None:
@@ -655,28 +686,76 @@ def preflight(overrides: Sequence[str], composed: Sequence[str]) -> None:
     check_study(study, space)
 
 
+def worker_command(config: DictConfig) -> list[str]:
+    """This search's command line for one more process of it: the same overrides, one job."""
+    key = f"{SEARCH_KEY}.n_jobs"
+    given = [*config.hydra.overrides.hydra, *config.hydra.overrides.task]
+    kept = [line for line in given if line.split("=", 1)[0].lstrip("+~") != key]
+    return [sys.executable, "-m", "pipeline", "-m", *kept, f"{key}=1"]
+
+
+def start_workers(config: DictConfig, settings: SearchConfig,
+                  parent_run_id: str | None) -> list[subprocess.Popen]:
+    """The `n_jobs - 1` other processes of the search on this machine: each runs the same
+    command with one job against the same storage; their runs join this process's parent run,
+    which this process reports on and ends once they are done."""
+    workers = []
+    for number in range(1, settings.n_jobs):
+        env = {**os.environ, ENV_WORKER: str(number)}
+        if parent_run_id:
+            env[tracking.ENV_JOIN_PARENT_RUN_ID] = parent_run_id
+        workers.append(subprocess.Popen(worker_command(config), env=env))
+    if workers:
+        print(f"search {settings.study_name}: {len(workers)} more process(es) share the study: "
+              f"pid {', '.join(str(w.pid) for w in workers)}", flush=True)
+    return workers
+
+
+def stop_workers(workers: list[subprocess.Popen], study_name: str, interrupted: bool) -> None:
+    """Wait for the other processes to end their trials; when this one was interrupted, stop
+    them first (SIGTERM: each ends its trial KILLED and requeues it)."""
+    for worker in workers:
+        if interrupted and worker.poll() is None:
+            worker.terminate()
+    for worker in workers:
+        code = worker.wait()
+        if code != 0 and not interrupted:
+            print(f"search {study_name}: process {worker.pid} ended with exit code {code}",
+                  flush=True)
+
+
 def sweep(raw_settings: Any, params: dict[str, str], arguments: Sequence[str],
           config: DictConfig, compose: Compose, launch: Launch) -> None:
     """Run the study: check everything first (a bad setting, key, range, launcher or storage
     ends the process with one line before any training), requeue the trials a killed search
-    left behind, run trials up to `n_trials`, then report the best on the parent run."""
+    left behind, run trials up to `n_trials` (with `n_jobs - 1` more processes of this search
+    beside this one), then report the best on the parent run."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search prints its own lines
+    worker = int(os.environ.get(ENV_WORKER, "0"))
     try:
         settings, space, url = plan(raw_settings, params, arguments, config, compose)
-        study = open_study(settings, open_storage(url), space)
+        study = open_study(settings, open_storage(url), space, worker)
     except PipelineError as err:
         fail(err)
     out_dir = Path(config.hydra.sweep.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, out_dir / "multirun.yaml")
     parent_run_id = os.environ.get(tracking.ENV_PARENT_RUN_ID)  # pipeline.sweep's parent run
-    if parent_run_id:
+    if parent_run_id and not worker:
         log_study_params(parent_run_id, settings, url, space)
     requeued = retry_interrupted(study)
     if requeued:
         print(f"search {settings.study_name}: trial(s) {', '.join(map(str, requeued))} of a "
               "killed search ended FAIL and run again", flush=True)
-    print(f"search {settings.study_name}: {trials_counted(study)} of {settings.n_trials} "
-          f"trials done before, in {shown_storage(url)}", flush=True)
-    optimise(study, settings, space, launch)
-    report_study(study, parent_run_id, out_dir)
+    if not worker:
+        print(f"search {settings.study_name}: {trials_counted(study)} of {settings.n_trials} "
+              f"trials done before, in {shown_storage(url)}", flush=True)
+    workers = start_workers(config, settings, parent_run_id) if not worker else []
+    interrupted = True
+    try:
+        optimise(study, settings, space, launch)
+        interrupted = False
+    finally:
+        stop_workers(workers, settings.study_name, interrupted)
+    if not worker:
+        report_study(study, parent_run_id, out_dir)

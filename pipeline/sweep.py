@@ -24,7 +24,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from pipeline import tracking
+from pipeline import project, tracking
 from pipeline.errors import exiting_interrupted, raise_interrupted
 
 
@@ -43,31 +43,43 @@ class MlflowSweep(Callback):
         self.previous_handlers: dict[int, Any] = {}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        root = tracking.project_root()
+        root = project.project_root()
         tracking.connect(tracking.tracking_uri(config.mlflow.tracking_uri, root))
         self.experiment_id = tracking.ensure_experiment(config.mlflow.experiment_name)
         self.sweep_id = config.mlflow.sweep_id or new_sweep_id()
+        joined = os.environ.get(tracking.ENV_JOIN_PARENT_RUN_ID)
+        if joined:  # another process owns the parent: add runs to it, leave it to that one
+            self._set_parent(joined)
+            return
         overrides = " ".join(config.hydra.overrides.task)
-        self.parent_run_id = tracking.reopen_sweep_parent(
-            self.experiment_id, self.sweep_id) if config.mlflow.sweep_id else None
-        if self.parent_run_id is not None:  # runs a kill -9 left RUNNING before this resume
-            killed = tracking.end_orphaned_runs(self.experiment_id, self.sweep_id)
-            if killed:
-                print(f"sweep {self.sweep_id}: {len(killed)} run(s) of killed processes ended "
-                      "KILLED in MLflow", flush=True)
-        else:
-            self.parent_run_id = tracking.create_sweep_parent(
-                self.experiment_id, self.sweep_id,
-                {"pipeline.entry_point": "python -m pipeline -m", "sweep.overrides": overrides})
-        os.environ[tracking.ENV_SWEEP_ID] = self.sweep_id
-        os.environ[tracking.ENV_PARENT_RUN_ID] = self.parent_run_id
+        with project.file_lock(tracking.sweep_lock(root)):  # searches started together
+            self.parent_run_id = tracking.reopen_sweep_parent(
+                self.experiment_id, self.sweep_id) if config.mlflow.sweep_id else None
+            if self.parent_run_id is None:
+                self.parent_run_id = tracking.create_sweep_parent(
+                    self.experiment_id, self.sweep_id,
+                    {"pipeline.entry_point": "python -m pipeline -m",
+                     "sweep.overrides": overrides})
+            else:  # runs a kill -9 left RUNNING before this resume
+                killed = tracking.end_orphaned_runs(self.experiment_id, self.sweep_id)
+                if killed:
+                    print(f"sweep {self.sweep_id}: {len(killed)} run(s) of killed processes "
+                          "ended KILLED in MLflow", flush=True)
+        self._set_parent(self.parent_run_id)
         atexit.register(lambda: self._end_parent(
             "KILLED" if exiting_interrupted() else self.status_at_exit))
         self.previous_handlers = {s: signal.signal(s, self._interrupted)
                                   for s in (signal.SIGTERM, signal.SIGINT)}
         print(f"sweep {self.sweep_id}: MLflow parent run {self.parent_run_id}", flush=True)
 
+    def _set_parent(self, parent_run_id: str) -> None:
+        """The jobs' runs become children of `parent_run_id`."""
+        os.environ[tracking.ENV_SWEEP_ID] = self.sweep_id
+        os.environ[tracking.ENV_PARENT_RUN_ID] = parent_run_id
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_run_id is None:  # a joined parent: its own process reports and ends it
+            return
         from pipeline import compare
 
         out_dir = Path(config.hydra.sweep.dir)

@@ -27,13 +27,7 @@ from typing import Any
 from pipeline.config import Config, flatten, to_dict
 from pipeline.errors import ConfigError, PipelineError, TrialPruned, sigterm_interrupts
 from pipeline.processes import is_running
-from pipeline.project import (  # noqa: F401  (still reached as tracking.X by the stages)
-    _git,
-    data_location,
-    data_md5,
-    file_lock,
-    project_root,
-)
+from pipeline.project import _git, data_md5, file_lock, project_root
 
 DEFAULT_STORE = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -44,6 +38,9 @@ SWEEP_PARENT_TAG = "sweep.parent"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests the run under its parent
 ENV_SWEEP_ID = "PIPELINE_SWEEP_ID"  # set by the Hydra multirun callback for its jobs
 ENV_PARENT_RUN_ID = "PIPELINE_PARENT_RUN_ID"
+# a multirun whose runs join a parent run another process owns (the other processes of a
+# search with `n_jobs`): that process reports on the parent and ends it
+ENV_JOIN_PARENT_RUN_ID = "PIPELINE_JOIN_PARENT_RUN_ID"
 HOST_TAG = "pipeline.host"  # where the run's process ran: tells a killed run from a live one
 PID_TAG = "pipeline.pid"
 PRUNED_TAG = "pipeline.pruned_at_epoch"  # a search trial its pruner stopped: ended KILLED
@@ -277,6 +274,11 @@ def reopen_sweep_parent(experiment_id: str, sweep_id: str) -> str | None:
     return parent
 
 
+def sweep_lock(root: Path | None = None) -> Path:
+    """The lock under which the processes of this machine find or create a sweep's parent."""
+    return project_root(root) / ".dvc" / "tmp" / "mlflow-sweep.lock"
+
+
 def dvc_sweep_parent(cfg: Config, root: Path, experiment_id: str) -> tuple[str, str]:
     """(sweep id, parent run id) for a `dvc exp run`, creating the parent on first use.
 
@@ -288,8 +290,7 @@ def dvc_sweep_parent(cfg: Config, root: Path, experiment_id: str) -> tuple[str, 
 
     baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")[:8] or "workspace"
     sweep_id = cfg.mlflow.sweep_id or f"dvc-{baseline}"
-    lock = project_root(root) / ".dvc" / "tmp" / "mlflow-sweep.lock"
-    with file_lock(lock):
+    with file_lock(sweep_lock(root)):
         parent = find_sweep_parent(experiment_id, sweep_id)
         if parent is None:
             parent = create_sweep_parent(experiment_id, sweep_id,
@@ -422,6 +423,74 @@ def log_datasets(cfg: Config, data_path: Path, meta: dict, splits: tuple[str, ..
                               schema=schema)
         mlflow.log_input(dataset, context=DATASET_CONTEXTS[split],
                          tags={"split": split, "examples": str(meta["sizes"][split])})
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log numbers to the active run, at `step` when given (an epoch, a shift)."""
+    import mlflow
+
+    mlflow.log_metrics(metrics, step=step)
+
+
+def log_files(paths: list[Path], folder: str | None = None) -> None:
+    """Attach files to the active run, under `folder` of its artifacts when given."""
+    import mlflow
+
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+def log_folder(path: Path, folder: str) -> None:
+    """Attach every file under `path` to the active run, as its artifacts' `folder`."""
+    import mlflow
+
+    mlflow.log_artifacts(str(path), artifact_path=folder)
+
+
+BACKEND_PACKAGES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+
+
+@contextmanager
+def _example_folder_created():
+    """MLflow's Keras flavor writes `input_example.json` before it creates the model folder
+    and fails (mlflow/mlflow#16183); create the folder first, as the upstream fix does."""
+    from mlflow.keras import save as keras_save
+
+    original = keras_save._save_example
+
+    def save_example(mlflow_model, input_example, path, *args, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        return original(mlflow_model, input_example, path, *args, **kwargs)
+
+    keras_save._save_example = save_example
+    try:
+        yield
+    finally:
+        keras_save._save_example = original
+
+
+def log_keras_model(model, x_example, labels: dict) -> None:
+    """Log the Keras model to the active run with a signature, an input example, the class
+    names as metadata, and pinned requirements (giving `pip_requirements` spares MLflow seconds
+    of inferring them)."""
+    import contextlib
+    import io
+    from importlib.metadata import version
+
+    import keras
+    import mlflow
+    import numpy as np
+
+    example = np.asarray(x_example).astype(np.float32)
+    signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
+    package = BACKEND_PACKAGES[keras.backend.backend()]
+    # MLflow checks the input example with a `predict` that draws Keras's progress bar; on JAX
+    # the bar runs in Keras's callback thread, where the (thread-local) switch that
+    # `backend.configure` turned off is on again.
+    with _example_folder_created(), contextlib.redirect_stdout(io.StringIO()):
+        mlflow.keras.log_model(
+            model, name="model", signature=signature, input_example=example, metadata=labels,
+            pip_requirements=[f"keras=={version('keras')}", f"{package}=={version(package)}"])
 
 
 WARNING_TAG = "pipeline.warning"  # a run that looks broken: what happened and what to try

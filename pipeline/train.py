@@ -11,9 +11,7 @@ import csv
 import dataclasses
 import io
 import math
-import os
 import time
-from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +24,7 @@ from pipeline.checkpoints import (
     CHECKPOINTS_DIR,
     Checkpoint,
     LossGuard,
+    claimed,
     fingerprint,
     removed_if_pruned,
     stop_cleanly_on_signals,
@@ -53,9 +52,9 @@ from pipeline.metric_names import (
 from pipeline.models import backbone_of, set_backbone_frozen
 from pipeline.prepare import META_FILE, read_meta, read_split
 from pipeline.progress import Progress
+from pipeline.project import data_location, project_root
 from pipeline.stream import EpochBatches, OrderedBatches, epoch_order
 
-BACKEND_PACKAGES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 # The lecture's cost J: cross-entropy averaged over the batch, for a softmax over the classes
 # or for one sigmoid unit (a two-class detector).
 COST_J = {"softmax": "sparse_categorical_crossentropy", "sigmoid": "binary_crossentropy"}
@@ -414,46 +413,6 @@ def history_csv(rows: list[dict[str, float]]) -> str:
     return out.getvalue()
 
 
-@contextmanager
-def _example_folder_created():
-    """MLflow's Keras flavor writes `input_example.json` before it creates the model folder
-    and fails (mlflow/mlflow#16183); create the folder first, as the upstream fix does."""
-    from mlflow.keras import save as keras_save
-
-    original = keras_save._save_example
-
-    def save_example(mlflow_model, input_example, path, *args, **kwargs):
-        os.makedirs(path, exist_ok=True)
-        return original(mlflow_model, input_example, path, *args, **kwargs)
-
-    keras_save._save_example = save_example
-    try:
-        yield
-    finally:
-        keras_save._save_example = original
-
-
-def log_model(model: keras.Model, x_example: np.ndarray, labels: dict) -> None:
-    """Log the model with a signature, an input example, the class names as metadata, and
-    pinned requirements (giving `pip_requirements` spares MLflow seconds of inferring them).
-    """
-    from importlib.metadata import version
-
-    import mlflow
-
-    example = x_example.astype(np.float32)
-    signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
-    # MLflow checks the input example with a `predict` that draws Keras's progress bar; on JAX
-    # the bar runs in Keras's callback thread, where the (thread-local) switch that
-    # `backend.configure` turned off is on again.
-    with _example_folder_created(), redirect_stdout(io.StringIO()):
-        mlflow.keras.log_model(
-            model, name="model", signature=signature, input_example=example, metadata=labels,
-            pip_requirements=[f"keras=={version('keras')}",
-                              f"{BACKEND_PACKAGES[keras.backend.backend()]}=="
-                              f"{version(BACKEND_PACKAGES[keras.backend.backend()])}"])
-
-
 def labels_of(meta: dict) -> dict:
     """What a prediction needs besides the model: the class names, in output order."""
     return {"class_names": meta["class_names"]}
@@ -507,63 +466,71 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
           f"{len(train_data[1])} images, "
           f"{backend.resolve_precision(cfg.trainer.precision)}, on {backend.describe_devices()}"
           f"{replicas.describe_replicas()}", flush=True)
-    data_path = tracking.data_location(cfg, root)
+    data_path = data_location(cfg, root)
     folder = fingerprint(cfg, model, prepared / META_FILE)
     if not replicas.is_chief:  # each process keeps its own checkpoint; only process 0 logs
-        checkpoint = Checkpoint(tracking.project_root(root) / CHECKPOINTS_DIR
+        checkpoint = Checkpoint(project_root(root) / CHECKPOINTS_DIR
                                 / f"{folder}-process{replicas.process_id}")
         train_replica(model, train_data, val_data, cfg, replicas, checkpoint)
         checkpoint.remove()
         return None
-    checkpoint = Checkpoint(tracking.project_root(root) / CHECKPOINTS_DIR / folder)
-    outputs = [out_root / p for p in (cfg.paths.model, cfg.paths.history, cfg.paths.labels,
-                                      cfg.paths.run)]
-    trial = trials.active()
-    with removed_on_failure(*outputs), removed_if_pruned(checkpoint), \
-            tracking.start_run(cfg, root, entry_point, data_path, run_name) as active:
-        import mlflow
+    with claimed(project_root(root) / CHECKPOINTS_DIR / folder) as checkpoint:
+        outputs = [out_root / p for p in (cfg.paths.model, cfg.paths.history, cfg.paths.labels,
+                                          cfg.paths.run)]
+        trial = trials.active()
+        with removed_on_failure(*outputs), removed_if_pruned(checkpoint), \
+                tracking.start_run(cfg, root, entry_point, data_path, run_name) as active:
+            run_id = active.info.run_id
+            resume_after(checkpoint, run_id, tracking.log_metrics, cfg.trainer.deterministic)
+            if trial:
+                tracking.set_tags(trial.attach_run(run_id))
+                trial.report_completed(checkpoint.completed_epochs())
+            meta = read_meta(prepared)
+            tracking.log_datasets(cfg, data_path, meta, ("train", "val"))
+            tracking.log_files([build_dir / REPORT_MD, build_dir / REPORT_JSON])
+            tracking.set_tags(replicas.tags(cfg.trainer.batch_size, cfg.optimizer.learning_rate))
+            # compute: train (each epoch's metrics logged as it ends), then judge the kept weights
+            rows = train_replica(model, train_data, val_data, cfg, replicas, checkpoint,
+                                 log_metrics=tracking.log_metrics,
+                                 report=trial.report if trial else None)
+            kept = rows[kept_epoch(rows, cfg.trainer.early_stopping) - 1]
+            labels = labels_of(meta)
+            line, warning, interval = diagnostics.validation_report(
+                val_data[1], predict_labels(model, val_data[0], cfg.trainer.batch_size),
+                kept[ACCURACY], rows, labels["class_names"])
+            # write
+            model = write_outputs(model, rows, labels, cfg, out_root, replicas.count > 1)
+            write_json(out_root / cfg.paths.run, {"run_id": run_id,
+                                                  "experiment_id": active.info.experiment_id})
+            # tell and log
+            if cfg.trainer.early_stopping.patience is not None:
+                monitor = cfg.trainer.early_stopping.monitor
+                print(f"train: kept the weights of epoch {int(kept['epoch'])} of {len(rows)}, the "
+                      f"best {monitor} ({kept[monitor]:.4f})", flush=True)
+                tracking.log_metrics({BEST_EPOCH: kept["epoch"]})
+            print(line, flush=True)
+            tracking.log_metrics(interval)
+            if warning:
+                print(warning, flush=True)
+                tracking.set_warning(warning)
+            tracking.log_keras_model(model, train_data[0][:2], labels)
+            if trial:
+                trial.finish(kept)
+        checkpoint.remove()
+        return run_id
 
-        resume_after(checkpoint, active.info.run_id, mlflow.log_metrics,
-                     cfg.trainer.deterministic)
-        if trial:
-            mlflow.set_tags(trial.attach_run(active.info.run_id))
-            trial.report_completed(checkpoint.completed_epochs())
-        tracking.log_datasets(cfg, data_path, read_meta(prepared), ("train", "val"))
-        mlflow.log_artifact(str(build_dir / REPORT_MD))
-        mlflow.log_artifact(str(build_dir / REPORT_JSON))
-        mlflow.set_tags(replicas.tags(cfg.trainer.batch_size, cfg.optimizer.learning_rate))
-        rows = train_replica(model, train_data, val_data, cfg, replicas, checkpoint,
-                             log_metrics=mlflow.log_metrics,
-                             report=trial.report if trial else None)
-        kept = rows[kept_epoch(rows, cfg.trainer.early_stopping) - 1]
-        if cfg.trainer.early_stopping.patience is not None:
-            monitor = cfg.trainer.early_stopping.monitor
-            mlflow.log_metric(BEST_EPOCH, kept["epoch"])
-            print(f"train: kept the weights of epoch {int(kept['epoch'])} of {len(rows)}, the "
-                  f"best {monitor} ({kept[monitor]:.4f})", flush=True)
-        labels = labels_of(read_meta(prepared))
-        line, warning, interval = diagnostics.validation_report(
-            val_data[1], predict_labels(model, val_data[0], cfg.trainer.batch_size),
-            kept[ACCURACY], rows, labels["class_names"])
-        print(line, flush=True)
-        mlflow.log_metrics(interval)
-        if warning:
-            print(warning, flush=True)
-            tracking.set_warning(warning)
-        with atomic_path(out_root / cfg.paths.model) as tmp:
-            model.save(tmp)
-        if replicas.count > 1:  # what MLflow logs and predicts with: the saved model, one device
-            model = keras.models.load_model(out_root / cfg.paths.model)
-        write_text(out_root / cfg.paths.history, history_csv(rows))
-        write_json(out_root / cfg.paths.labels, labels)
-        log_model(model, train_data[0][:2], labels)
-        run_id = active.info.run_id
-        write_json(out_root / cfg.paths.run, {"run_id": run_id,
-                                              "experiment_id": active.info.experiment_id})
-        if trial:
-            trial.finish(kept)
-    checkpoint.remove()
-    return run_id
+
+def write_outputs(model: keras.Model, rows: list[dict[str, float]], labels: dict, cfg: Config,
+                  out_root: Path, several_replicas: bool) -> keras.Model:
+    """Write the trained model, its history and class names; return the model to log: after
+    training on several replicas, the saved single-device model read back."""
+    with atomic_path(out_root / cfg.paths.model) as tmp:
+        model.save(tmp)
+    if several_replicas:
+        model = keras.models.load_model(out_root / cfg.paths.model)
+    write_text(out_root / cfg.paths.history, history_csv(rows))
+    write_json(out_root / cfg.paths.labels, labels)
+    return model
 
 
 def resume_after(checkpoint: Checkpoint, run_id: str, log_metrics,

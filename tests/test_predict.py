@@ -39,7 +39,7 @@ from pipeline.predict import (
     records,
     top_classes,
 )
-from pipeline.train import log_model
+from pipeline.tracking import log_keras_model
 from tests.conftest import REPO, env
 from tests.servers import free_port, stop, wait_until_ok
 
@@ -559,7 +559,7 @@ def store(tmp: Path, classifier, images) -> Iterator[Store]:
     tracking.connect(uri)
     experiment_id = tracking.ensure_experiment("predict")
     with mlflow.start_run(experiment_id=experiment_id) as run:
-        log_model(classifier[0], images.expected[:2], {"class_names": LOGGED_NAMES})
+        log_keras_model(classifier[0], images.expected[:2], {"class_names": LOGGED_NAMES})
     logged = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
     assert [m.source_run_id for m in logged] == [run.info.run_id]
     mlflow.register_model(logged[0].model_uri, REGISTERED)

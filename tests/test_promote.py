@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import project, tracking
 from pipeline.__main__ import run_stages
 from pipeline.promote import PromoteError, main, promote, summary
 from tests.conftest import QUICK, REPO, compose, env, write_image_folder
@@ -81,7 +81,7 @@ def test_a_promoted_version_links_back_to_its_run_commit_and_data(store):
     assert tags["run_id"] == store.first
     assert tags["git.commit"] == head
     assert tags["git.dirty"] == run.data.tags["git.dirty"]
-    assert tags["data.md5"] == tracking.data_md5(REPO / "data") is not None
+    assert tags["data.md5"] == project.data_md5(REPO / "data") is not None
     assert tags["data.name"] == "fashion_mnist"
     assert {key: tags[f"data.{key}.digest"] for key in ("train", "val", "test")} == {
         key: digest[:tracking.DIGEST_CHARS] for key, digest in store.digests.items()}
@@ -139,14 +139,14 @@ def finished_run(status: str, tags: dict[str, str] | None = None, model: bool = 
     """A run of EXPERIMENT ended `status`, with a logged model when `model`."""
     import keras
 
-    from pipeline.train import log_model
+    from pipeline.tracking import log_keras_model
 
     experiment_id = tracking.ensure_experiment(EXPERIMENT)
     with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
         if model:
             tiny = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
                                      keras.layers.Dense(2, activation="softmax")])
-            log_model(tiny, np.zeros((2, 28, 28, 1)), {"class_names": ["a", "b"]})
+            log_keras_model(tiny, np.zeros((2, 28, 28, 1)), {"class_names": ["a", "b"]})
     MlflowClient().set_terminated(run.info.run_id, status)
     return run.info.run_id
 

@@ -40,8 +40,13 @@ def load_study(project, name: str):
 
 
 def sweep_runs(project, study: str):
-    """(the study's parent run, its child runs by trial number)."""
-    runs = [r for r in mlflow_runs(project) if r.data.tags.get("sweep.id") == study]
+    """(the study's parent run, its child runs by trial number) in the project's store."""
+    return sweep_tree(mlflow_runs(project), study)
+
+
+def sweep_tree(runs, study: str):
+    """(the study's parent run among `runs`, its child runs by trial number)."""
+    runs = [r for r in runs if r.data.tags.get("sweep.id") == study]
     parents = [r for r in runs if r.data.tags.get("sweep.parent") == "true"]
     assert len(parents) == 1, [r.data.tags for r in runs]
     children = {}
