@@ -6,12 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help bench bench-data gpu-check setup data browser params repro test test-unit test-slow \
+.PHONY: help bench bench-data bench-search gpu-check setup data browser params repro test test-unit test-slow \
 	test-full clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets, one line each
-	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 # The virtual environment, re-installed when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -79,6 +79,10 @@ bench: data ## throughput of the train stage against a bare model.fit
 # make bench-data ARGS='--large' (adds 50,000), ARGS='--sizes 200 400' (a quick look)
 bench-data: setup ## prepare and training at 5,000/20,000 photos against the decode limit
 	$(BIN)/python benchmarks/data_scale.py $(ARGS)
+
+# The same seeded 16-trial study with the median pruner and without (about an hour on 2 cores)
+bench-search: data ## a hyperparameter search with pruning against the same without
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/search_pruning.py $(ARGS)
 
 # Throughput and time to 93%/94% test accuracy on one GPU, Keras on JAX (under 5 minutes):
 # make gpu-check ARGS='--batch-size 2048'

@@ -514,17 +514,6 @@ def summary(runs: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- the report
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_peak(result: dict) -> float:
     """The larger of prepare's and training's peak memory."""
     return max(result["prepare"]["peak"], result["train"]["peak"])
@@ -533,6 +522,8 @@ def machine_peak(result: dict) -> float:
 def report(results: list[dict], args, cores: int, command: str) -> list[str]:
     import keras
     import psutil
+
+    from pipeline.backend import cpu_model
 
     first, last = results[0], results[-1]
     growth = machine_peak(last) / machine_peak(first)

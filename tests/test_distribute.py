@@ -116,6 +116,7 @@ print(json.dumps(runs))
 """
 
 
+@pytest.mark.slow  # two replicas through the whole stage (~20 s); CI runs it
 def test_mirrored_trains_two_replicas_through_the_train_stage(tmp_path, data_dir):
     overrides = [*QUICK, "trainer.distribute=mirrored",
                  f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]

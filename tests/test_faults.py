@@ -83,6 +83,7 @@ def test_sigterm_stops_cleanly_and_keeps_the_checkpoint(project):
     assert not list((project / "runs").rglob("model.keras"))
 
 
+@pytest.mark.slow  # a NaN training under dvc repro (~30 s); CI runs it
 def test_nan_loss_fails_with_epoch_and_step_and_dvc_caches_nothing(project):
     run(["python", "-m", "pipeline.params", *QUICK, "optimizer=gd",
          "optimizer.learning_rate=1e4", "optimizer.schedule=constant"], project)

@@ -71,6 +71,7 @@ def logged_model_files(project: Path, run_id: str) -> tuple[list[str], dict]:
     return requirements, yaml.safe_load((folder / "MLmodel").read_text())
 
 
+@pytest.mark.slow  # the four stages on JAX (~25 s); CI runs it
 def test_the_stages_run_on_jax_without_tensorflow(project, no_tensorflow):
     extra, folder = no_tensorflow
     result = run(["python", "-m", "pipeline", *QUICK], project, extra_env=extra)

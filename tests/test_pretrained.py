@@ -217,6 +217,7 @@ def folder_run(folder_project, weights_files):
     return result, outputs
 
 
+@pytest.mark.slow  # a pretrained backbone trained on a photo folder (~50 s); CI runs it
 def test_pretrained_run_on_a_photo_folder(folder_project, folder_run, weights_files):
     weights_file = weights_files["mobilenet_v3_small"]
     result, outputs = folder_run

@@ -64,6 +64,7 @@ def outside_git(tmp_path, monkeypatch) -> Path:
 # 1a: `dvc repro` fails
 
 
+@pytest.mark.slow  # a real dvc repro that fails (~15 s); CI runs it
 def test_a_failing_dvc_repro_is_one_line_with_the_command_and_its_exit_code(tmp_path):
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient

@@ -221,6 +221,7 @@ def detector_run(tmp_path_factory, data_dir):
     return project, result
 
 
+@pytest.mark.slow  # a detector trained through dvc repro (~55 s); CI runs it
 def test_detector_has_one_sigmoid_unit_and_binary_metrics(detector_run):
     import keras
 

@@ -28,6 +28,7 @@ with tracking.start_run(cfg, pathlib.Path.cwd(), "race", pathlib.Path("data")):
 """
 
 
+@pytest.mark.slow  # eight processes racing on a new store (~70 s); CI runs it
 def test_eight_processes_on_a_brand_new_store(tmp_path):
     """MLflow's first-use migration races without the lock; all eight must be recorded."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

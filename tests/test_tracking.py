@@ -76,6 +76,7 @@ run_cli(main)
 """
 
 
+@pytest.mark.slow  # a whole run signalled while the model is logged (~15 s); CI runs it
 def test_sigterm_outside_training_ends_the_run_killed(tmp_path):
     from mlflow.tracking import MlflowClient
 
