@@ -41,7 +41,6 @@ import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +67,7 @@ from pipeline.metric_names import VAL_ACCURACY
 from pipeline.params import explain_override_error
 
 DEFAULT_STORAGE = "optuna.db"  # at the project root, beside mlflow.db
+STORAGE_ATTEMPTS = 3  # to open a new storage whose tables another machine is creating
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 PRUNERS = ("none", "median", "hyperband")
 OBJECTIVE = VAL_ACCURACY  # maximised; what `trials.TrialLink` reports
@@ -289,29 +289,37 @@ def shown_storage(url: str) -> str:
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """The study storage at `url`. A local SQLite file is created under a file lock (two
-    searches starting on a new file race in creating its tables) and opened with a busy
-    timeout, so that searches sharing it wait for each other's writes.
+    """The study storage at `url`. Searches that start together on a new storage race in
+    creating its tables: those of this machine take a file lock (beside a SQLite file, else
+    in the project), and one that loses the race with another machine tries again once the
+    tables exist. A local SQLite file is opened with a busy timeout, so that searches sharing
+    it wait for each other's writes.
 
     Raises:
         ConfigError: the storage cannot be opened (an unreachable server, a bad URL, no driver,
             a folder that cannot be written).
     """
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
     database = tracking.sqlite_path(url)
-    lock = (project.file_lock(database.with_name(f"{database.name}.lock"))
-            if database else nullcontext())
+    lock = (database.with_name(f"{database.name}.lock") if database
+            else project.project_root() / ".dvc" / "tmp" / "optuna-storage.lock")
     engine = {"connect_args": {"timeout": tracking.SQLITE_BUSY_TIMEOUT_S}} if database else {}
-    try:
-        with lock:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-    except (SQLAlchemyError, ImportError, ValueError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ConfigError(f"{SEARCH_KEY}.storage={shown_storage(url)}: cannot open the study "
-                          f"storage ({type(err).__name__}: {reason}); check the URL and that "
-                          f"its database server runs, or set {SEARCH_KEY}.storage=null for "
-                          f"{DEFAULT_STORAGE} at the project root") from None
+    for _ in range(STORAGE_ATTEMPTS):
+        try:
+            with project.file_lock(lock):
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        except IntegrityError as err:  # another machine created the same tables just before
+            failure: Exception = err
+            time.sleep(1.0)
+        except (SQLAlchemyError, ImportError, ValueError, OSError) as err:
+            failure = err
+            break
+    reason = str(failure).strip().splitlines()[0] if str(failure).strip() else ""
+    raise ConfigError(f"{SEARCH_KEY}.storage={shown_storage(url)}: cannot open the study "
+                      f"storage ({type(failure).__name__}: {reason}); check the URL and that "
+                      f"its database server runs, or set {SEARCH_KEY}.storage=null for "
+                      f"{DEFAULT_STORAGE} at the project root")
 
 
 def make_pruner(settings: SearchConfig) -> optuna.pruners.BasePruner:

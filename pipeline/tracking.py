@@ -334,6 +334,17 @@ def sweep_of_this_run(cfg: Config, root: Path, experiment_id: str) -> tuple[str,
     return None
 
 
+RUN_NAME_CHARS = 250  # MLflow's column; SQLite lets a longer name by, PostgreSQL refuses it
+
+
+def short_name(name: str | None) -> str | None:
+    """A run name within what every MLflow backend store keeps (a search trial's name is its
+    overrides, which can run longer)."""
+    if name is None or len(name) <= RUN_NAME_CHARS:
+        return name
+    return name[:RUN_NAME_CHARS - 3] + "..."
+
+
 @contextmanager
 def start_run(cfg: Config, root: Path, entry_point: str, data_path: Path,
               run_name: str | None = None) -> Iterator[Any]:
@@ -349,7 +360,7 @@ def start_run(cfg: Config, root: Path, entry_point: str, data_path: Path,
         tags.update(sweep_tags(*sweep))
     with sigterm_interrupts():  # SIGTERM anywhere in the run ends it KILLED, not RUNNING
         run = mlflow.start_run(experiment_id=experiment_id, tags=tags,
-                               run_name=run_name or os.environ.get("DVC_EXP_NAME"))
+                               run_name=short_name(run_name or os.environ.get("DVC_EXP_NAME")))
         with _ending(mlflow):
             mlflow.log_params(config_params(cfg))
             yield run
@@ -533,5 +544,7 @@ def shown_uri(uri: str) -> str:
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on a store."""
+    """How to open the MLflow UI on a store: a tracking server's address is the UI itself."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri} in a browser"
     return f"mlflow ui --backend-store-uri {shown_uri(uri)}"

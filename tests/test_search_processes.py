@@ -104,15 +104,12 @@ def postgres() -> Iterator[str]:
                     f"-c listen_addresses=127.0.0.1 -p {port} -k {home}", "start"],
                    check=True, capture_output=True)
     try:
-        import psycopg2
+        import psycopg
 
-        connection = psycopg2.connect(host="127.0.0.1", port=port, user="pipeline",
-                                      dbname="postgres")
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute("CREATE DATABASE optuna")
-            cursor.execute("CREATE DATABASE mlflow")
-        connection.close()
+        with psycopg.connect(host="127.0.0.1", port=port, user="pipeline", dbname="postgres",
+                             autocommit=True) as connection:
+            connection.execute("CREATE DATABASE optuna")
+            connection.execute("CREATE DATABASE mlflow")
         yield f"postgresql://pipeline@127.0.0.1:{port}"
     finally:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],

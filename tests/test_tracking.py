@@ -128,3 +128,19 @@ def test_mlflow_allow_file_store_lets_mlflow_use_it(tmp_path, monkeypatch):
 @pytest.mark.unit
 def test_other_stores_are_not_file_stores(uri):
     assert tracking.file_store_path(uri) is None
+
+
+@pytest.mark.unit
+def test_a_long_run_name_is_cut_to_what_every_store_keeps():
+    """A search trial's run name is its overrides; PostgreSQL refuses names over 250 characters
+    where SQLite keeps them."""
+    assert tracking.short_name("a" * 300) == "a" * 247 + "..."
+    assert tracking.short_name("a" * 250) == "a" * 250
+    assert tracking.short_name(None) is None
+
+
+@pytest.mark.unit
+def test_the_ui_of_a_tracking_server_is_its_address():
+    assert tracking.ui_command("http://127.0.0.1:5000") == "http://127.0.0.1:5000 in a browser"
+    assert tracking.ui_command("sqlite:////p/mlflow.db?timeout=120") == (
+        "mlflow ui --backend-store-uri sqlite:////p/mlflow.db")
