@@ -3,6 +3,8 @@ no BatchNorm, over seeds, on three small sets made from real Fashion-MNIST image
 
     python benchmarks/small_data.py                 # seeds 1 2 3, all three sets
     python benchmarks/small_data.py --sets photos --seeds 1
+    python benchmarks/small_data.py --sets photos --overrides model.dropout=0.1 \
+        --variants "BatchNorm, recomputed statistics" "no BatchNorm" --out /tmp/try.md
 
 The sets (written into a throwaway folder, seeded):
 - `fmnist-300`: Fashion-MNIST with `data.limit=300` (270 training, 30 validation, 300 test
@@ -15,8 +17,10 @@ The sets (written into a throwaway folder, seeded):
 
 Each set runs three ways: `trainer.precise_bn=true` (the default: BatchNorm statistics
 recomputed over the training images after the last epoch), `trainer.precise_bn=false` (Keras's
-moving averages, as before), and `model.batch_norm=false`. Results (mean and range of the test
-accuracy and macro F1) are appended to benchmarks/results.md.
+moving averages, as before), and `model.batch_norm=false` (`--variants` picks some of them).
+`--overrides` adds Hydra overrides to every run, after the set's own (e.g. to try a value
+before it goes into a preset). Results (mean and range of the test accuracy and macro F1) are
+appended to benchmarks/results.md (`--out` another file).
 """
 
 from __future__ import annotations
@@ -93,13 +97,13 @@ def make_sets(data: Path, work: Path) -> dict[str, list[str]]:
 
 
 def run_set(name: str, overrides: list[str], seeds: list[int], work: Path,
-            variants: list[str]) -> list[dict]:
+            variants: list[str], extra: list[str] = ()) -> list[dict]:
     uri = f"sqlite:///{work / 'mlflow.db'}"
     rows = []
     for variant in variants:
         switches = VARIANTS[variant]
         experiment = f"small-data-{name}-{'-'.join(s.split('=')[1] for s in switches)}"
-        subprocess.run([sys.executable, "-m", "pipeline", "-m", *overrides, *switches,
+        subprocess.run([sys.executable, "-m", "pipeline", "-m", *overrides, *extra, *switches,
                         f"seed={','.join(map(str, seeds))}", f"mlflow.tracking_uri={uri}",
                         f"mlflow.experiment_name={experiment}", "invariance.max_shift=1",
                         f"hydra.sweep.dir={work / 'runs' / experiment}"],
@@ -124,10 +128,12 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
-def report(rows: list[dict], seeds: list[int], variants: list[str]) -> list[str]:
+def report(rows: list[dict], seeds: list[int], variants: list[str],
+           extra: list[str] = ()) -> list[str]:
     lines = [f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
              "small datasets and BatchNorm", "",
-             f"`python benchmarks/small_data.py --seeds {' '.join(map(str, seeds))}`"
+             f"`python benchmarks/small_data.py --seeds {' '.join(map(str, seeds))}"
+             f"{' --overrides ' + ' '.join(extra) if extra else ''}`"
              f" ({len(variants)} of {len(VARIANTS)} variants)", "",
              "| set | model | test accuracy, mean (min–max) | macro F1, mean (min–max) "
              "| runs warned |", "|---|---|---:|---:|---:|"]
@@ -146,14 +152,17 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["fmnist-300", "photos", "digits-8px"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         metavar="VARIANT", help=f"any of: {'; '.join(VARIANTS)}")
+    parser.add_argument("--overrides", nargs="+", default=[], metavar="OVERRIDE",
+                        help="Hydra overrides added to every run, e.g. model.dropout=0.1")
     parser.add_argument("--data", type=Path, default=ROOT / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="small-data-") as tmp:
         sets = make_sets(args.data, Path(tmp))
         rows = [row for name in args.sets
-                for row in run_set(name, sets[name], args.seeds, Path(tmp), args.variants)]
-    lines = report(rows, args.seeds, args.variants)
+                for row in run_set(name, sets[name], args.seeds, Path(tmp), args.variants,
+                                   args.overrides)]
+    lines = report(rows, args.seeds, args.variants, args.overrides)
     with args.out.open("a") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[2:]))
