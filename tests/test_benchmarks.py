@@ -111,3 +111,18 @@ def test_data_scale_ends_with_the_decode_limit_and_memory_line(tmp_path):
                      r"cache.type copy .*, \d+\.\d\d with cache.type hardlink ", recorded,
                      re.MULTILINE), recorded
     assert last in recorded
+
+
+@pytest.mark.slow
+def test_search_pruning_ends_with_the_time_ratio_and_both_best_values(tmp_path, data_dir):
+    out = tmp_path / "results.md"
+    result = run(["python", "benchmarks/search_pruning.py", "--trials", "1", "--limit", "200",
+                  "--epochs", "1", "--out", str(out), "model=small_cnn"], REPO, timeout=600)
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"search: pruning took \d+\.\d\d of the time, best val_accuracy "
+                        r"\d\.\d{4} vs \d\.\d{4}", last), result.stdout
+    recorded = out.read_text()
+    for pruner in ("median", "none"):
+        assert re.search(rf"^\| {pruner} \| \d+ \| \d\.\d{{4}} \| 0 of 1 \| 1 \|$", recorded,
+                         re.MULTILINE), recorded
+    assert last in recorded

@@ -20,7 +20,8 @@ from tests.test_search import search_command, sweep_runs, sweep_tree
 
 pytestmark = pytest.mark.slow
 
-N_TRIALS = 6
+N_TRIALS = 4
+ONE_EPOCH = "trainer.epochs=1"
 
 
 def start(command: list[str], cwd: Path, extra_env: dict[str, str] | None = None,
@@ -56,15 +57,15 @@ def check_shared_study(study, parent, children, outputs: list[str]) -> None:
 
 
 def test_n_jobs_and_a_second_search_share_one_sqlite_study(project):
-    """`n_jobs=2` (two processes) and a second command beside them on the same optuna.db: six
+    """`n_jobs=2` (two processes) and a second command beside them on the same optuna.db: four
     trials in all, each run once, one parent run in MLflow."""
     import optuna
 
     logs = [project / "first.log", project / "second.log"]
-    procs = [start(search_command("shared", N_TRIALS, "hparams_search.n_jobs=2"), project,
-                   log=logs[0]),
-             start(search_command("shared", N_TRIALS, "hparams_search.sampler_seed=7"), project,
-                   log=logs[1])]
+    procs = [start(search_command("shared", N_TRIALS, ONE_EPOCH, "hparams_search.n_jobs=2"),
+                   project, log=logs[0]),
+             start(search_command("shared", N_TRIALS, ONE_EPOCH, "hparams_search.sampler_seed=7"),
+                   project, log=logs[1])]
     outputs = finish(procs, logs)
     assert "1 more process(es) share the study" in outputs[0]
     study = optuna.load_study(study_name="shared",
@@ -135,7 +136,8 @@ def test_two_searches_share_a_postgresql_study_and_mlflow_server(project, postgr
         stdout=server_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until_ok(f"{uri}/health", server, server_log, 180)
-        shared = [f"hparams_search.storage={postgres}/optuna", f"mlflow.tracking_uri={uri}"]
+        shared = [f"hparams_search.storage={postgres}/optuna", f"mlflow.tracking_uri={uri}",
+                  ONE_EPOCH]
         logs = [project / "first.log", project / "second.log"]
         procs = [start(search_command("team", N_TRIALS, *shared), project, log=logs[0]),
                  start(search_command("team", N_TRIALS, *shared,
