@@ -15,8 +15,6 @@ import yaml
 
 from pipeline.config import flatten
 
-pytestmark = pytest.mark.unit
-
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 # what a command needs that a test machine lacks, by a word of the command
@@ -46,11 +44,13 @@ def shown(prefix: str) -> list[tuple[str, list[str]]]:
             and not any(word in line for word in NEEDS)]
 
 
+@pytest.mark.unit
 def test_the_pages_show_the_commands_this_test_reads():
     assert len(shown("python -m pipeline")) >= 20
     assert len(shown("dvc exp run")) >= 3 and len(shown("make")) >= 2
 
 
+# not `unit`: a Hydra composition per command, some 15 s in all; make test runs it
 @pytest.mark.parametrize("page,argv", shown("python -m pipeline"),
                          ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_each_pipeline_command_composes_and_validates(page, argv, tmp_path, monkeypatch):
@@ -60,6 +60,7 @@ def test_each_pipeline_command_composes_and_validates(page, argv, tmp_path, monk
     check_command_line(argv)
 
 
+@pytest.mark.unit
 def test_each_pipeline_module_the_pages_run_exists():
     modules = {line.split()[2] for _, line in commands()
                if line.startswith("python -m pipeline.")}
@@ -68,12 +69,14 @@ def test_each_pipeline_module_the_pages_run_exists():
     assert not missing
 
 
+@pytest.mark.unit
 def test_each_make_target_the_pages_name_exists():
     targets = set(re.findall(r"^([a-z][\w-]*):", (REPO / "Makefile").read_text(), re.M))
     named = {argv[0] for _, argv in shown("make") if argv}
     assert named and named <= targets, named - targets
 
 
+@pytest.mark.unit
 def test_each_dvc_exp_run_key_is_a_param():
     params = flatten(yaml.safe_load((REPO / "params.yaml").read_text()))
     groups = {p.name for p in (REPO / "conf").iterdir() if p.is_dir()}
@@ -83,6 +86,7 @@ def test_each_dvc_exp_run_key_is_a_param():
             assert key in params or key in groups, f"{page}: dvc exp run -S {key}=..."
 
 
+@pytest.mark.unit
 def test_each_relative_link_leads_to_a_file():
     broken = []
     for page in PAGES:

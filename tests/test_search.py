@@ -153,7 +153,7 @@ def test_a_killed_trial_fails_and_is_queued_again_with_its_values():
     assert study.ask(distributions).params == killed.params
 
 
-@pytest.mark.unit
+# not `unit`: it creates Optuna's SQLite tables twice (4 s)
 def test_a_bad_search_stops_before_hydra_starts(tmp_path):
     """`python -m pipeline` checks a search's command line before Hydra (and so before an
     MLflow parent run exists): a study name taken by another space, another launcher."""
