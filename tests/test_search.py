@@ -315,22 +315,22 @@ def test_a_study_records_complete_failed_and_pruned_trials(project):
 
 @pytest.mark.slow
 def test_a_study_goes_on_where_it_stopped(project):
-    """3 trials, then the same command with n_trials=4 runs one more: no trial runs twice, and
+    """2 trials, then the same command with n_trials=3 runs one more: no trial runs twice, and
     the study keeps one parent run in MLflow, which ends with both Optuna plots."""
     from optuna.trial import TrialState
 
-    run(search_command("grow", 3), project)
+    run(search_command("grow", 2), project)
     first = {t.number: t.params for t in load_study(project, "grow").trials}
-    again = run(search_command("grow", 4), project)
-    assert "3 of 4 trials done before" in again.stdout
+    again = run(search_command("grow", 3), project)
+    assert "2 of 3 trials done before" in again.stdout
     trials = load_study(project, "grow").trials
-    assert len(trials) == 4
+    assert len(trials) == 3
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-    assert {t.number: t.params for t in trials[:3]} == first
-    assert trials[3].params not in first.values()
+    assert {t.number: t.params for t in trials[:2]} == first
+    assert trials[2].params not in first.values()
     parent, children = sweep_runs(project, "grow")
-    assert sorted(children) == [0, 1, 2, 3] and all(len(r) == 1 for r in children.values())
-    assert parent.info.status == "FINISHED" and parent.data.tags["optuna.n_trials"] == "4"
+    assert sorted(children) == [0, 1, 2] and all(len(r) == 1 for r in children.values())
+    assert parent.info.status == "FINISHED" and parent.data.tags["optuna.n_trials"] == "3"
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
