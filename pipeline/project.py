@@ -54,6 +54,12 @@ def data_location(cfg: Config, root: Path) -> Path:
     return Path(cfg.data.path) if Path(cfg.data.path).is_absolute() else root / cfg.data.path
 
 
+def lock_path(name: str, root: Path | None = None) -> Path:
+    """Where the processes of this machine keep the lock file `name` of a project: DVC's own
+    scratch folder, which git ignores."""
+    return project_root(root) / ".dvc" / "tmp" / name
+
+
 @contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock between processes on this machine, held for the `with` block."""

@@ -303,7 +303,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
     database = tracking.sqlite_path(url)
     lock = (database.with_name(f"{database.name}.lock") if database
-            else project.project_root() / ".dvc" / "tmp" / "optuna-storage.lock")
+            else project.lock_path("optuna-storage.lock"))
     engine = {"connect_args": {"timeout": tracking.SQLITE_BUSY_TIMEOUT_S}} if database else {}
     for _ in range(STORAGE_ATTEMPTS):
         try:
@@ -423,7 +423,7 @@ def trials_counted(study: optuna.Study) -> int:
 
 def study_lock(study_name: str) -> Path:
     """The lock that the search processes of this machine take to count and start trials."""
-    return project.project_root() / ".dvc" / "tmp" / f"optuna-{study_name}.lock"
+    return project.lock_path(f"optuna-{study_name}.lock")
 
 
 def next_trial(study: optuna.Study, settings: SearchConfig,

@@ -27,7 +27,7 @@ from typing import Any
 from pipeline.config import Config, flatten, to_dict
 from pipeline.errors import ConfigError, PipelineError, TrialPruned, sigterm_interrupts
 from pipeline.processes import is_running
-from pipeline.project import _git, data_md5, file_lock, project_root
+from pipeline.project import _git, data_md5, file_lock, lock_path, project_root
 
 DEFAULT_STORE = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -276,7 +276,7 @@ def reopen_sweep_parent(experiment_id: str, sweep_id: str) -> str | None:
 
 def sweep_lock(root: Path | None = None) -> Path:
     """The lock under which the processes of this machine find or create a sweep's parent."""
-    return project_root(root) / ".dvc" / "tmp" / "mlflow-sweep.lock"
+    return lock_path("mlflow-sweep.lock", root)
 
 
 def dvc_sweep_parent(cfg: Config, root: Path, experiment_id: str) -> tuple[str, str]:
