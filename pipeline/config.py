@@ -478,6 +478,20 @@ class InvarianceConfig:
                  "must be a positive number of pixels", "4")
 
 
+TTA_MODES = ("none", "flip")
+
+
+@dataclass
+class EvaluateConfig:
+    """What `evaluate` scores besides the model's plain predictions."""
+
+    tta: str = MISSING  # none | flip: also the mean prediction of each image and its mirror
+
+    def __post_init__(self) -> None:
+        _require(self.tta in TTA_MODES, "evaluate.tta", self.tta,
+                 f"must be one of {', '.join(TTA_MODES)}", "flip")
+
+
 @dataclass
 class MlflowConfig:
     """Where runs are logged. A null tracking_uri means SQLite `mlflow.db` at the project root."""
@@ -524,6 +538,7 @@ class Config:
     optimizer: OptimizerConfig = MISSING
     trainer: TrainerConfig = MISSING
     invariance: InvarianceConfig = MISSING
+    evaluate: EvaluateConfig = MISSING
     mlflow: MlflowConfig = MISSING
     paths: PathsConfig = MISSING
 

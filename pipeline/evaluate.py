@@ -38,8 +38,10 @@ from pipeline.metric_names import (
     TEST_ACCURACY,
     TEST_ACCURACY_CI_HIGH,
     TEST_ACCURACY_CI_LOW,
+    TEST_ACCURACY_TTA,
     TEST_EXAMPLES,
     TEST_LOSS,
+    TEST_LOSS_TTA,
 )
 from pipeline.prepare import read_meta, read_split
 from pipeline.project import data_location, project_root
@@ -157,6 +159,25 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, class_names: list
     return metrics, scores, matrix, predicted, curves
 
 
+def flip_averaged(model: keras.Model) -> keras.Model:
+    """`model` under flip test-time augmentation: the mean of its outputs (class
+    probabilities) for each image and for the image mirrored left to right."""
+    inputs = keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype)
+    mirrored = keras.layers.Lambda(lambda x: keras.ops.flip(x, axis=2), name="mirror")(inputs)
+    mean = keras.layers.Average(name="tta_mean")([model(inputs), model(mirrored)])
+    return keras.Model(inputs, mean, name=f"{model.name}_flip_tta")
+
+
+def tta_metrics(model: keras.Model, x, y: np.ndarray, tta: str, batch_size: int) -> dict:
+    """Accuracy and loss under test-time augmentation `tta` (`evaluate.tta`); none: {}."""
+    if tta == "none":
+        return {}
+    probabilities = class_probabilities(predict(flip_averaged(model), x, batch_size))
+    loss = keras.losses.SparseCategoricalCrossentropy()(y, probabilities)
+    return {TEST_ACCURACY_TTA: float(np.mean(probabilities.argmax(axis=1) == y)),
+            TEST_LOSS_TTA: float(keras.ops.convert_to_numpy(loss))}
+
+
 def curve_csv(curve: dict[str, np.ndarray], max_points: int = 1000) -> str:
     """The curve as CSV for DVC's plots, thinned evenly to at most `max_points` rows."""
     n = len(next(iter(curve.values())))
@@ -221,6 +242,7 @@ def assess(model: keras.Model, x_test, y_test: np.ndarray, class_names: list[str
     """Score the model on the test split and on its shifted copies."""
     metrics, per_class, matrix, predicted, curves = evaluate(
         model, x_test, y_test, class_names, cfg.trainer.batch_size)
+    metrics.update(tta_metrics(model, x_test, y_test, cfg.evaluate.tta, cfg.trainer.batch_size))
     shift = invariance.shift_curve(
         lambda images: predict_labels(model, images, cfg.trainer.batch_size),
         x_test, y_test, cfg.invariance.max_shift, reference=predicted,
@@ -317,6 +339,13 @@ def shift_line(shift: dict, max_shift: int) -> str:
     return line
 
 
+def tta_text(tta: str, metrics: dict) -> str:
+    """The test-time augmentation's accuracy, to follow the plain one; '' without it."""
+    if TEST_ACCURACY_TTA not in metrics:
+        return ""
+    return f"; with {tta} test-time augmentation {metrics[TEST_ACCURACY_TTA]:.4f}"
+
+
 def print_summary(cfg: Config, out_root: Path, metrics: dict, run_id: str, uri: str) -> None:
     def show(path: str) -> str:
         full = out_root / path
@@ -325,7 +354,8 @@ def print_summary(cfg: Config, out_root: Path, metrics: dict, run_id: str, uri: 
     interval = diagnostics.interval_text(metrics[TEST_ACCURACY_CI_LOW],
                                          metrics[TEST_ACCURACY_CI_HIGH], metrics[TEST_EXAMPLES])
     print(f"\ntest accuracy {metrics[TEST_ACCURACY]:.4f} {interval}, "
-          f"test loss {metrics[TEST_LOSS]:.4f}, macro F1 {metrics['macro_f1']:.4f}\n"
+          f"test loss {metrics[TEST_LOSS]:.4f}, macro F1 {metrics['macro_f1']:.4f}"
+          f"{tta_text(cfg.evaluate.tta, metrics)}\n"
           f"  {shift_line(metrics['shift'], cfg.invariance.max_shift)}\n"
           f"  model    {show(cfg.paths.model)}\n"
           f"  metrics  {show(cfg.paths.metrics)}, per class {show(cfg.paths.per_class)}\n"

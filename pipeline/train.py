@@ -46,6 +46,7 @@ from pipeline.metric_names import (
     HISTORY_FIELDS,
     LEARNING_RATE,
     LOSS,
+    TRAIN_SECONDS,
     VAL_ACCURACY,
     VAL_LOSS,
 )
@@ -490,9 +491,11 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str,
             tracking.log_files([build_dir / REPORT_MD, build_dir / REPORT_JSON])
             tracking.set_tags(replicas.tags(cfg.trainer.batch_size, cfg.optimizer.learning_rate))
             # compute: train (each epoch's metrics logged as it ends), then judge the kept weights
+            started = time.perf_counter()
             rows = train_replica(model, train_data, val_data, cfg, replicas, checkpoint,
                                  log_metrics=tracking.log_metrics,
                                  report=trial.report if trial else None)
+            tracking.log_metrics({TRAIN_SECONDS: time.perf_counter() - started})
             kept = rows[kept_epoch(rows, cfg.trainer.early_stopping) - 1]
             labels = labels_of(meta)
             line, warning, interval = diagnostics.validation_report(

@@ -26,6 +26,11 @@ def test_bench_ends_with_the_pipeline_over_bare_ratio(tmp_path, data_dir):
     recorded = out.read_text()
     assert "`python benchmarks/throughput.py --rounds 1 --epochs 1 --images 512`" in recorded
     assert re.search(r"\| pipeline train stage \| \d+ \| \d+\.\d\d s \| \d+ ms \|", recorded)
+    bare = re.findall(r"^\| bare (arrays|tf\.data) `model\.fit`( \(the baseline\))? \| (\d+) \|",
+                      recorded, re.MULTILINE)
+    assert [way for way, _, _ in bare] == ["arrays", "tf.data"], recorded
+    rates = {way: int(rate) for way, _, rate in bare}
+    assert [way for way, chosen, _ in bare if chosen] == [max(rates, key=rates.get)]
     assert last in recorded
 
 
@@ -61,15 +66,34 @@ def test_training_options_refuse_xla_under_op_determinism(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-def test_time_to_accuracy_reads_every_seed_back_from_mlflow(tmp_path, data_dir):
+def test_time_to_accuracy_counts_training_time_in_epochs_of_the_default(tmp_path, data_dir):
     out = tmp_path / "results.md"
     result = run(["python", "benchmarks/time_to_accuracy.py", "quick", "data.limit=300",
-                  "--seeds", "1", "2", "--out", str(out)], REPO, timeout=600)
-    rows = re.findall(r"^\| (\d) \| (0\.\d{4}) \| (\d+\.\d s|\d+ min \d\d s) \| 1 \|$",
-                      out.read_text(), re.MULTILINE)
-    assert [r[0] for r in rows] == ["1", "2"], result.stdout
-    assert "experiment=quick: mean test accuracy 0." in result.stdout
-    assert "over 2 seeds" in result.stdout
+                  "evaluate.tta=flip", "--seeds", "1", "--out", str(out)], REPO, timeout=600)
+    recorded = out.read_text()
+    duration = r"(\d+\.\d s|\d+ min \d\d s)"
+    unit = re.search(rf"^\| 1 \| default, 1 epoch \(the unit\) \| 0\.\d{{4}} \| 0\.\d{{4}} \| "
+                     rf"{duration} \| 1 \| 1\.00 \|$", recorded, re.MULTILINE)
+    assert unit, result.stdout
+    quick = re.search(rf"^\| 1 \| experiment=quick \| (0\.\d{{4}}) \| (0\.\d{{4}}) \| "
+                      rf"{duration} \| (\d+) \| (\d+\.\d\d) \|$", recorded, re.MULTILINE)
+    assert quick, recorded
+    last = result.stdout.strip().splitlines()[-1]
+    assert last == (f"time to accuracy: quick {float(quick.group(1)):.4f} in "
+                    f"{float(quick.group(5)):.1f} default epochs")
+    assert float(quick.group(5)) > 0
+    assert last in recorded
+    assert "`python benchmarks/time_to_accuracy.py quick data.limit=300 evaluate.tta=flip " \
+        "--seeds 1`" in recorded
+
+
+def test_time_to_accuracy_refuses_an_unknown_preset(tmp_path):
+    result = run(["python", "benchmarks/time_to_accuracy.py", "fastest", "--out",
+                  str(tmp_path / "results.md")], REPO, check=False, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: no preset conf/experiment/fastest.yaml; name one of best, ")
+    assert not (tmp_path / "results.md").exists()
 
 
 @pytest.mark.slow

@@ -107,6 +107,8 @@ def test_params_yaml_round_trips():
     (["trainer.foo=1"], "unknown config key 'trainer.foo'"),
     (["optimizer=adam", "optimizer.beta_1=1.5"], "optimizer.beta_1=1.5"),
     (["trainer.precision=float8"], "trainer.precision='float8'"),
+    (["evaluate.tta=rotate"], "evaluate.tta='rotate': must be one of none, flip; for example "
+     "evaluate.tta=flip"),
     (["mlflow.sweep_id='a/b'"], "mlflow.sweep_id='a/b': must be letters, digits"),
     (["optimizer.class_name=Foo"], "optimizer.class_name='Foo': not an optimizer class of "
      "keras.optimizers; choose one of "),

@@ -75,6 +75,29 @@ def test_headline_metrics_hold_no_per_class_figures():
     assert metrics["test_accuracy"] == np.mean(predicted == y)
 
 
+def test_flip_tta_averages_each_image_with_its_mirror_image():
+    import keras
+
+    from pipeline.evaluate import flip_averaged, tta_metrics
+
+    # two classes read off the leftmost and the rightmost pixel of a 1x4 image
+    model = keras.Sequential([keras.Input((1, 4, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(2, activation="softmax")])
+    model.set_weights([np.array([[4.0, -4.0], [0, 0], [0, 0], [-4.0, 4.0]]), np.zeros(2)])
+    x = np.array([[1, 0, 0, 0], [0, 0, 0, 1], [1, 0, 1, 0]], "float32").reshape(3, 1, 4, 1)
+    plain = model.predict(x, verbose=0)
+    mirrored = model.predict(x[:, :, ::-1], verbose=0)
+    assert not np.allclose(plain, mirrored)
+    averaged = flip_averaged(model).predict(x, verbose=0)
+    np.testing.assert_allclose(averaged, (plain + mirrored) / 2, atol=1e-6)
+    y = np.array([0, 0, 1])
+    scores = tta_metrics(model, x, y, "flip", batch_size=2)
+    assert scores["test_accuracy_tta"] == np.mean(averaged.argmax(axis=1) == y)
+    assert scores["test_loss_tta"] == pytest.approx(
+        -np.mean(np.log(averaged[np.arange(3), y])), rel=1e-5)
+    assert tta_metrics(model, x, y, "none", batch_size=2) == {}
+
+
 def test_every_metric_keras_reports_is_kept_logged_and_written():
     """A metric added to `compile` (here AUC) reaches the history, MLflow and the CSV."""
     import keras
