@@ -109,25 +109,27 @@ def check_splits(splits: dict[str, tuple], class_names: list[str],
 
 
 def write_split(folder: Path, x: np.ndarray | ImageFiles, y: np.ndarray, decoder: Decoder,
-                resized: list[int], progress: Progress) -> shards.SplitSummary:
+                progress: Progress) -> tuple[shards.SplitSummary, int]:
     """Write one split as shards under `folder`: images in memory a shard at a time; image
-    files decoded by the workers straight into their places in the shards. Counts the images
-    decoded at another size in `resized[0]` and reports those decoded to `progress`."""
+    files decoded by the workers straight into their places in the shards. Reports the images
+    decoded to `progress`; returns the split's summary and how many images were decoded at
+    another size than the split's."""
     if isinstance(x, np.ndarray):
         writer = shards.ShardWriter(folder, x.shape[1:])
         for start in range(0, len(x), writer.length):
             writer.add(x[start:start + writer.length])
-        return writer.close(y)
+        return writer.close(y), 0
     layout = shards.ShardLayout(folder, x.shape[1:], len(x))
     layout.create()
     sums = shards.PixelSums(x.shape[1:])
+    resized = 0
     for done, count, block in decoder.decode_into(x, layout):
-        resized[0] += count
+        resized += count
         sums.add(block)
         progress.update(progress.done + done)
     labels = np.asarray(y, dtype=np.int64)
     shards.write_npy(folder / shards.LABELS_FILE, labels)
-    return sums.summary(labels)
+    return sums.summary(labels), resized
 
 
 def write_prepared(prepared: Prepared, out_dir: Path, workers: int | None = None) -> None:
@@ -138,13 +140,14 @@ def write_prepared(prepared: Prepared, out_dir: Path, workers: int | None = None
         DataError: an image that cannot be read, a worker that died, a full disk, or training
             images that all have one value; the previous output is left as it was.
     """
-    resized, total, size = [0], 0, None
+    resized, total, size = 0, 0, None
     files = sum(len(x) for x, _ in prepared.splits.values() if isinstance(x, ImageFiles))
     progress = Progress("prepare: decoded", files)
     with atomic_dir(out_dir) as tmp, Decoder(workers) as decoder:
         digests = {}
         for name, (x, y) in prepared.splits.items():
-            summary = write_split(tmp / name, x, y, decoder, resized, progress)
+            summary, resized_here = write_split(tmp / name, x, y, decoder, progress)
+            resized += resized_here
             digests[name] = summary.digest
             if name == "train":
                 prepared.meta.update(pixel_statistics(summary))
@@ -153,7 +156,7 @@ def write_prepared(prepared: Prepared, out_dir: Path, workers: int | None = None
         prepared.meta["digests"] = digests
         write_json(tmp / META_FILE, prepared.meta)
     progress.close()
-    note = resized_note(resized[0], total, size) if size else None
+    note = resized_note(resized, total, size) if size else None
     if note:
         prepared.notes.insert(0, note)
 

@@ -15,6 +15,7 @@ computation's, and a SHA-256 of the bytes written, the split's digest.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import io
 import math
@@ -174,6 +175,7 @@ def write_npy(path: Path, array: np.ndarray) -> None:
         f.write(memoryview(array).cast("B"))
 
 
+@functools.lru_cache(maxsize=64)
 def npy_header(shape: tuple[int, ...]) -> bytes:
     """The `.npy` header of a uint8 array of `shape`, as `np.save` writes it."""
     out = io.BytesIO()
@@ -214,7 +216,7 @@ class ShardLayout:
         while count > 0:
             shard, index = divmod(start, self.length)
             images = min(self.length, self.count - shard * self.length)
-            header = len(npy_header((images, *self.image_shape)))
+            header = len(npy_header((images, *self.image_shape)))  # cached: 2 shapes a split
             take = min(count, images - index)
             runs.append((str(self.path(shard)), header + index * self.image_bytes, take))
             start, count = start + take, count - take

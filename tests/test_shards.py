@@ -22,6 +22,12 @@ from tests.conftest import compose, env, write_image_folder
 CLASSES = {"shirt": 6, "sneaker": 7, "boot": 9}
 
 
+def random_split(seed, shape, classes):
+    """Random uint8 images of `shape` (the count first) and labels of `classes` classes."""
+    rng = np.random.default_rng(seed)
+    return rng, rng.integers(0, 256, shape, dtype=np.uint8), rng.integers(0, classes, shape[0])
+
+
 def write_shards(folder, images, labels, length):
     writer = shards.ShardWriter(folder, images.shape[1:], length=length)
     for start in range(0, len(images), 7):  # in pieces that do not line up with the shards
@@ -31,9 +37,7 @@ def write_shards(folder, images, labels, length):
 
 @pytest.mark.unit
 def test_shards_read_back_by_any_index_and_statistics_match_in_memory(tmp_path):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (203, 6, 5, 3), dtype=np.uint8)
-    labels = rng.integers(0, 4, 203)
+    rng, images, labels = random_split(0, (203, 6, 5, 3), 4)
     summary = write_shards(tmp_path / "split", images, labels, length=32)
     assert sorted(p.name for p in (tmp_path / "split").iterdir())[:2] == [
         "images-00000.npy", "images-00001.npy"]
@@ -59,9 +63,7 @@ def test_shards_read_back_by_any_index_and_statistics_match_in_memory(tmp_path):
 
 @pytest.mark.unit
 def test_batches_from_shards_equal_batches_from_memory(tmp_path):
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (100, 4, 4, 1), dtype=np.uint8)
-    labels = rng.integers(0, 3, 100)
+    _, images, labels = random_split(1, (100, 4, 4, 1), 3)
     write_shards(tmp_path / "split", images, labels, length=16)
     x, y = shards.read_split(tmp_path / "split")
     on_disk, in_memory = EpochBatches(x, y, 32, seed=5), EpochBatches(images, labels, 32, seed=5)
@@ -163,9 +165,7 @@ def test_prepare_stopped_midway_ends_with_one_line_and_nothing_half_written(
 
 @pytest.mark.unit
 def test_images_written_to_their_places_give_the_writers_bytes(tmp_path):
-    rng = np.random.default_rng(4)
-    images = rng.integers(0, 256, (75, 3, 4, 2), dtype=np.uint8)
-    labels = rng.integers(0, 2, 75)
+    _, images, labels = random_split(4, (75, 3, 4, 2), 2)
     write_shards(tmp_path / "written", images, labels, length=20)
     layout = shards.ShardLayout(tmp_path / "placed", (3, 4, 2), 75, length=20)
     layout.create()
