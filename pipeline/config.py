@@ -148,10 +148,13 @@ class AugmentConfig:
     rotate: float = MISSING  # fraction of a full turn
     zoom: float = MISSING  # fraction
     contrast: float = MISSING  # factor
+    erase: float = MISSING  # random erasing: the chance that a rectangle of an image is noise
 
     def __post_init__(self) -> None:
         _require(self.flip in FLIPS, "augment.flip", self.flip,
                  f"choose one of {', '.join(FLIPS)}", "horizontal")
+        _require(0.0 <= self.erase <= 1.0, "augment.erase", self.erase, "must lie in [0, 1]",
+                 "0.5")
         for key in ("translate", "rotate", "zoom", "contrast"):
             value = getattr(self, key)
             _require(0.0 <= value < 1.0, f"augment.{key}", value, "must lie in [0, 1)", "0.1")

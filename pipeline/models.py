@@ -284,7 +284,7 @@ def output_head(head: str, num_classes: int) -> tuple[int, str]:
 
 
 def augmentation(x, flip: str = "none", translate: float = 0.0, rotate: float = 0.0,
-                 zoom: float = 0.0, contrast: float = 0.0):
+                 zoom: float = 0.0, contrast: float = 0.0, erase: float = 0.0):
     """Random training-time transformations of raw images; identity at inference."""
     if flip != "none":
         x = layers.RandomFlip(flip, name="augment_flip")(x)
@@ -296,6 +296,8 @@ def augmentation(x, flip: str = "none", translate: float = 0.0, rotate: float = 
         x = layers.RandomZoom(zoom, name="augment_zoom")(x)
     if contrast:
         x = layers.RandomContrast(contrast, value_range=(0, 255), name="augment_contrast")(x)
+    if erase:  # a rectangle of 2% to 33% of the image replaced by noise, with chance `erase`
+        x = layers.RandomErasing(erase, value_range=(0, 255), name="augment_erase")(x)
     return x
 
 

@@ -26,7 +26,7 @@ EPOCHS = 3
 # Every layer that draws (dropout, augmentation) and BatchNorm, with a cosine schedule: what a
 # resume has to carry over.
 MODEL = dict(filters=(8, 16), batch_norm=True, dropout=0.25, dense_units=(32,),
-             augment={"flip": "horizontal", "translate": 0.1})
+             augment={"flip": "horizontal", "translate": 0.1, "erase": 0.5})
 
 
 class Killed(Exception):
@@ -92,7 +92,7 @@ def test_checkpoint_holds_the_dropout_and_augmentation_random_states(subset, tmp
     model.compile(optimizer=make_optimizer(composed([]).optimizer, 7, EPOCHS),
                   loss="sparse_categorical_crossentropy")
     before = [keras.ops.convert_to_numpy(v).copy() for v in random_states(model)]
-    assert len(before) == 5  # three dropout layers, the flip and the translation
+    assert len(before) == 6  # three dropout layers, the flip, the translation, the erasing
     assert checkpoint.restore(model) == 1
     after = [keras.ops.convert_to_numpy(v) for v in random_states(model)]
     assert not any(np.array_equal(a, b) for a, b in zip(after, before))  # moved on by epoch 1
