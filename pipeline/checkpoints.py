@@ -10,6 +10,7 @@ with the weights an uninterrupted run ends with, while any change starts afresh.
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import math
@@ -157,7 +158,8 @@ def claimed(folder: Path) -> Iterator[Checkpoint]:
     """The checkpoint in `folder`, held by this process for the block. Two trainings of one
     config at the same time (two search processes that drew the same values, two terminals)
     would resume each other's epochs: the second gets a folder of its own and starts from the
-    first epoch."""
+    first epoch. Such folders of processes that died are removed first: nothing resumes them."""
+    remove_orphans(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / ".lock").open("a") as handle:
         try:
@@ -169,6 +171,27 @@ def claimed(folder: Path) -> Iterator[Checkpoint]:
             yield Checkpoint(own)
             return
         yield Checkpoint(folder)
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Delete the folders `<folder>-<pid>` (see `claimed`) whose process is gone; return them."""
+    removed = []
+    for other in folder.parent.glob(f"{glob.escape(folder.name)}-*"):
+        pid = other.name[len(folder.name) + 1:]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(other, ignore_errors=True)
+            removed.append(other)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline import backend, distribute
-from pipeline.checkpoints import Checkpoint, random_states
+from pipeline.checkpoints import Checkpoint, claimed, random_states
 from pipeline.data import fashion_mnist
 from pipeline.models import build_model
 from pipeline.params import composed
@@ -96,6 +96,23 @@ def test_checkpoint_holds_the_dropout_and_augmentation_random_states(subset, tmp
     assert checkpoint.restore(model) == 1
     after = [keras.ops.convert_to_numpy(v) for v in random_states(model)]
     assert not any(np.array_equal(a, b) for a, b in zip(after, before))  # moved on by epoch 1
+
+
+@pytest.mark.unit
+def test_a_second_claim_trains_apart_and_folders_of_dead_processes_go(tmp_path):
+    folder = tmp_path / "checkpoints" / "abc"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for name in (f"abc-{gone.pid}", f"abc-{os.getppid()}", "abc-old", "abcd-1"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    with claimed(folder) as first:
+        assert first.folder == folder
+        with claimed(folder) as second:  # one config trained twice at once
+            assert second.folder == folder.with_name(f"abc-{os.getpid()}")
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert left == sorted(["abc", f"abc-{os.getppid()}", "abc-old", "abcd-1"])  # a live parent
+    with claimed(folder) as again:  # released: the folder is free again
+        assert again.folder == folder
 
 
 @pytest.mark.unit
