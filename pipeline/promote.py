@@ -14,14 +14,15 @@ reuses the version.
 
 Then `python -m pipeline.predict models:/<name>@champion <images>` and
 `mlflow models serve -m models:/<name>@champion --env-manager local` use it. At the end of a
-hyperparameter search (`pipeline.search`) the best trial's run is promoted the same way.
+hyperparameter search (`pipeline.search`) the best trial's run is promoted the same way,
+unless the champion did at least as well on the same validation split (`standing_champion`).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from pipeline import project, tracking
 from pipeline.errors import PipelineError, run_cli
@@ -37,6 +38,7 @@ DEFAULT_ALIAS = "champion"
 RUN_TAG = "run_id"  # on the version: the run it was promoted from
 LINEAGE = ("git.commit", "git.dirty", "data.md5", "dvc.exp_name")  # run tags copied over
 METRICS = (TEST_ACCURACY, VAL_ACCURACY)  # run metrics copied over, as tags
+VAL_DIGEST = "data.val.digest"  # the validation split a version's val_accuracy was scored on
 
 
 class PromoteError(PipelineError):
@@ -76,6 +78,42 @@ def promote(run_id: str, name: str | None = None, alias: str = DEFAULT_ALIAS) ->
     except MlflowException as err:
         raise PromoteError(f"cannot promote run {run_id} as models:/{name or '<name>'}@{alias}: "
                            f"{_first_line(err)}") from err
+
+
+class Standing(NamedTuple):
+    """A champion that stays: its version, its val_accuracy and the challenger run's."""
+
+    version: ModelVersion
+    val_accuracy: float
+    challenger_val_accuracy: float
+
+
+def standing_champion(run_id: str, name: str | None = None,
+                      alias: str = DEFAULT_ALIAS) -> Standing | None:
+    """The version `alias` names, where it was scored on the same validation split as run
+    `run_id` (the `data.val.digest` tags) and its `val_accuracy` is at least the run's: what a
+    search's best trial should not replace. None where the alias names no version or this
+    run's, where the two cannot be compared (another split, a figure missing), or where the run
+    is better."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+        name = name or client.get_experiment(run.info.experiment_id).name
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:  # no such run (promote says so), or no such model or alias
+        return None
+    if current.run_id == run_id:
+        return None
+    candidate = version_tags(client, run)
+    theirs, ours = current.tags.get(VAL_ACCURACY), candidate.get(VAL_ACCURACY)
+    if None in (theirs, ours) or current.tags.get(VAL_DIGEST) != candidate.get(VAL_DIGEST):
+        return None
+    if float(theirs) < float(ours):
+        return None
+    return Standing(current, float(theirs), float(ours))
 
 
 def _check_names(name: str, alias: str) -> None:

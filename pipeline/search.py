@@ -574,10 +574,20 @@ def report_study(study: optuna.Study, parent_run_id: str | None, out_dir: Path) 
 
 
 def promote_best(study_name: str, number: int, run_id: str) -> None:
-    """Register the best trial's model as `models:/<experiment>@champion` (pipeline.promote);
+    """Register the best trial's model as `models:/<experiment>@champion` (pipeline.promote),
+    unless the champion scored at least as well on the same validation split
+    (`standing_champion`: another study, or an earlier run of this one, found a better model);
     a best trial without a model is left out with a line, and the study ends as it would."""
-    from pipeline.promote import promote, summary
+    from pipeline.promote import promote, standing_champion, summary
 
+    standing = standing_champion(run_id)
+    if standing is not None:
+        print(f"search {study_name}: best trial {number} not promoted: the champion, version "
+              f"{standing.version.version} (run {standing.version.run_id}), has val_accuracy "
+              f"{standing.val_accuracy:.4f} on the same validation split, the trial "
+              f"{standing.challenger_val_accuracy:.4f}; python -m pipeline.promote {run_id} "
+              "promotes it anyway", flush=True)
+        return
     try:
         version = promote(run_id)
     except PipelineError as err:

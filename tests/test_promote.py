@@ -198,33 +198,52 @@ def test_cli_bad_run_id_is_one_error_line_and_exit_2(store, tmp_path):
     assert not missing.parent.exists()
 
 
-def test_the_end_of_a_search_promotes_its_best_trial(store, tmp_path, capsys):
+def test_the_end_of_a_search_promotes_its_best_trial_unless_the_champion_is_better(
+        store, tmp_path, capsys):
     import optuna
     from optuna.distributions import FloatDistribution
     from optuna.trial import create_trial
 
     from pipeline.search import report_study
 
-    promote(store.first)
-    study = optuna.create_study(study_name="promoting", direction="maximize")
-    for value, run_id in ((0.5, store.first), (0.8, store.second)):
-        study.add_trial(create_trial(value=value, params={"model.dropout": value},
-                                     distributions={"model.dropout": FloatDistribution(0, 1)},
-                                     user_attrs={"mlflow.run_id": run_id}))
-    report_study(study, None, tmp_path)
     client = MlflowClient()
-    assert client.get_model_version_by_alias(EXPERIMENT, "champion").run_id == store.second
-    assert f"search promoting: promoted run {store.second} as {CHAMPION} (version" in (
+    val = {run_id: client.get_run(run_id).data.metrics["val_accuracy"]
+           for run_id in (store.first, store.second)}
+    worse, better = sorted(val, key=val.get)
+    assert val[worse] < val[better]  # adam and gd after one epoch, on one validation split
+
+    def study_choosing(name, *run_ids):
+        study = optuna.create_study(study_name=name, direction="maximize")
+        for value, run_id in enumerate(run_ids):
+            study.add_trial(create_trial(value=value, params={"model.dropout": value / 10},
+                                         distributions={"model.dropout": FloatDistribution(0, 1)},
+                                         user_attrs={"mlflow.run_id": run_id}))
+        return study
+
+    promote(worse)
+    study = study_choosing("promoting", worse, better)  # trial 1, the better run, is its best
+    report_study(study, None, tmp_path)
+    assert client.get_model_version_by_alias(EXPERIMENT, "champion").run_id == better
+    assert f"search promoting: promoted run {better} as {CHAMPION} (version" in (
         capsys.readouterr().out)
 
+    # a later study whose best is worse than the champion on the same split leaves it in place
+    report_study(study_choosing("narrower", better, worse), None, tmp_path)
+    champion = client.get_model_version_by_alias(EXPERIMENT, "champion")
+    assert champion.run_id == better
+    assert (f"search narrower: best trial 1 not promoted: the champion, version "
+            f"{champion.version} (run {better}), has val_accuracy {val[better]:.4f} on the same "
+            f"validation split, the trial {val[worse]:.4f}; python -m pipeline.promote {worse} "
+            "promotes it anyway") in capsys.readouterr().out
+
     no_model = finished_run("FINISHED")
-    study.add_trial(create_trial(value=0.9, params={"model.dropout": 0.9},
+    study.add_trial(create_trial(value=9, params={"model.dropout": 0.9},
                                  distributions={"model.dropout": FloatDistribution(0, 1)},
                                  user_attrs={"mlflow.run_id": no_model}))
     report_study(study, None, tmp_path)
     assert (f"search promoting: best trial 2 not promoted: run {no_model} logged no model; "
             in capsys.readouterr().out)
-    assert client.get_model_version_by_alias(EXPERIMENT, "champion").run_id == store.second
+    assert client.get_model_version_by_alias(EXPERIMENT, "champion").run_id == better
 
 
 @pytest.mark.slow
