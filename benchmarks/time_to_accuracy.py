@@ -3,6 +3,7 @@
     python benchmarks/time_to_accuracy.py                   # fast and best, seeds 42 43 44
     python benchmarks/time_to_accuracy.py fast --seeds 42   # one preset, one seed
     python benchmarks/time_to_accuracy.py fast data.limit=3000   # Hydra overrides for every run
+    python benchmarks/time_to_accuracy.py fast fast:augment.erase=0.5   # a trick, paired
 
 Minutes mean nothing from one machine to the next (one epoch of the default took 35 s on one
 2-core machine and 102-186 s on another), so training time is counted in **default-epoch
@@ -25,7 +26,10 @@ changes nothing that is timed. Results are appended to benchmarks/results.md; th
 
     time to accuracy: fast A.AAAA in E.E default epochs; best B.BBBB in F.F default epochs
 
-(one part per preset measured, A and B the mean test accuracies over the seeds).
+(one part per preset measured, A and B the mean test accuracies over the seeds). A preset
+followed by `:key=value` overrides (`fast:augment.erase=0.5:trainer.epochs=5`) is a variant of
+it, run in the same rounds as the preset itself: a trick measured against its absence, paired
+seed by seed.
 """
 
 from __future__ import annotations
@@ -54,15 +58,28 @@ from pipeline.metric_names import (  # noqa: E402
 DEFAULT = "default"  # the reference: the default config, one epoch
 
 
+def entry_config(name: str) -> list[str]:
+    """The overrides of an entry: the default's one epoch, a preset, or a preset's variant
+    (`fast:augment.erase=0.5:trainer.epochs=5`)."""
+    if name == DEFAULT:
+        return ["trainer.epochs=1"]
+    preset, *overrides = name.split(":")
+    return [f"experiment={preset}", *overrides]
+
+
+def experiment_name(name: str) -> str:
+    """The entry's MLflow experiment: letters, digits and - only."""
+    return "time-to-accuracy-" + "".join(c if c.isalnum() else "-" for c in name)
+
+
 def run_once(name: str, seed: int, workdir: Path, extra: list[str]) -> None:
-    """One run of the pipeline: preset `name` (or the default's one epoch) with `seed`."""
-    config = ["trainer.epochs=1"] if name == DEFAULT else [f"experiment={name}"]
+    """One run of the pipeline: entry `name` with `seed`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PIPELINE_"))}
     print(f"seed {seed}: {name}", flush=True)
-    subprocess.run([sys.executable, "-m", "pipeline", *config, f"seed={seed}",
+    subprocess.run([sys.executable, "-m", "pipeline", *entry_config(name), f"seed={seed}",
                     f"mlflow.tracking_uri={tracking_uri(workdir)}",
-                    f"mlflow.experiment_name=time-to-accuracy-{name}",
-                    "invariance.max_shift=1", f"hydra.run.dir={workdir / 'runs' / name}-{seed}",
+                    f"mlflow.experiment_name={experiment_name(name)}", "invariance.max_shift=1",
+                    f"hydra.run.dir={workdir / 'runs' / experiment_name(name)}-{seed}",
                     *extra], cwd=ROOT, env=env, check=True)
 
 
@@ -76,7 +93,7 @@ def read_results(uri: str, name: str) -> dict[int, dict[str, float]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(f"time-to-accuracy-{name}")
+    experiment = client.get_experiment_by_name(experiment_name(name))
     results = {}
     for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'"):
         metrics = run.data.metrics
@@ -121,7 +138,8 @@ def report(presets: list[str], seeds: list[int], extra: list[str],
         reference = results[DEFAULT][seed]["seconds"]
         for name in (DEFAULT, *presets):
             r = results[name][seed]
-            label = "default, 1 epoch (the unit)" if name == DEFAULT else f"experiment={name}"
+            label = ("default, 1 epoch (the unit)" if name == DEFAULT
+                     else " ".join(entry_config(name)))
             tta = f"{r['tta']:.4f}" if r["tta"] is not None else "-"
             lines.append(f"| {seed} | {label} | {r['test_accuracy']:.4f} | {tta} | "
                          f"{format_duration(r['seconds'])} | {r['epochs']} | "
@@ -131,7 +149,7 @@ def report(presets: list[str], seeds: list[int], extra: list[str],
     for name, s in summary.items():
         spread = statistics.stdev(results[name][x]["test_accuracy"] for x in seeds) \
             if len(seeds) > 1 else 0.0
-        lines.append(f"- experiment={name}: mean test accuracy {s['accuracy']:.4f} ± "
+        lines.append(f"- {' '.join(entry_config(name))}: mean test accuracy {s['accuracy']:.4f} ± "
                      f"{spread:.4f} over {len(seeds)} seeds (lowest {s['lowest']:.4f}), "
                      f"{s['equivalents']:.2f} default epochs of training")
     return [*lines, "", last_line(summary), ""]
@@ -140,15 +158,16 @@ def report(presets: list[str], seeds: list[int], extra: list[str],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("items", nargs="*", metavar="PRESET_OR_OVERRIDE",
-                        help="presets in conf/experiment (default: fast best) and Hydra "
+                        help="presets in conf/experiment (default: fast best), variants "
+                             "(preset:key=value:...) and Hydra "
                              "overrides (key=value) for every run, the default's too")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
     args = parser.parse_args()
-    presets = [i for i in args.items if "=" not in i] or ["fast", "best"]
-    extra = [i for i in args.items if "=" in i]
+    presets = [i for i in args.items if "=" not in i.split(":")[0]] or ["fast", "best"]
+    extra = [i for i in args.items if "=" in i.split(":")[0]]
     known = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
-    missing = [p for p in presets if p not in known]
+    missing = [p.split(":")[0] for p in presets if p.split(":")[0] not in known]
     if missing:
         sys.exit(f"error: no preset conf/experiment/{missing[0]}.yaml; name one of "
                  f"{', '.join(known)}")

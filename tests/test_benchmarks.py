@@ -69,22 +69,29 @@ def test_training_options_refuse_xla_under_op_determinism(tmp_path, data_dir):
 def test_time_to_accuracy_counts_training_time_in_epochs_of_the_default(tmp_path, data_dir):
     out = tmp_path / "results.md"
     result = run(["python", "benchmarks/time_to_accuracy.py", "quick", "data.limit=300",
-                  "evaluate.tta=flip", "--seeds", "1", "--out", str(out)], REPO, timeout=600)
+                  "quick:trainer.batch_size=64", "evaluate.tta=flip", "--seeds", "1",
+                  "--out", str(out)], REPO, timeout=600)
     recorded = out.read_text()
     duration = r"(\d+\.\d s|\d+ min \d\d s)"
     unit = re.search(rf"^\| 1 \| default, 1 epoch \(the unit\) \| 0\.\d{{4}} \| 0\.\d{{4}} \| "
                      rf"{duration} \| 1 \| 1\.00 \|$", recorded, re.MULTILINE)
     assert unit, result.stdout
-    quick = re.search(rf"^\| 1 \| experiment=quick \| (0\.\d{{4}}) \| (0\.\d{{4}}) \| "
-                      rf"{duration} \| (\d+) \| (\d+\.\d\d) \|$", recorded, re.MULTILINE)
-    assert quick, recorded
+    rows = {}
+    for label in ("experiment=quick", "experiment=quick trainer.batch_size=64"):
+        rows[label] = re.search(
+            rf"^\| 1 \| {label} \| (0\.\d{{4}}) \| (0\.\d{{4}}) \| {duration} \| (\d+) \| "
+            r"(\d+\.\d\d) \|$", recorded, re.MULTILINE)
+        assert rows[label], recorded
+        assert float(rows[label].group(5)) > 0
+    plain, variant = rows.values()
     last = result.stdout.strip().splitlines()[-1]
-    assert last == (f"time to accuracy: quick {float(quick.group(1)):.4f} in "
-                    f"{float(quick.group(5)):.1f} default epochs")
-    assert float(quick.group(5)) > 0
+    assert last == (f"time to accuracy: quick {float(plain.group(1)):.4f} in "
+                    f"{float(plain.group(5)):.1f} default epochs; quick:trainer.batch_size=64 "
+                    f"{float(variant.group(1)):.4f} in {float(variant.group(5)):.1f} default "
+                    "epochs")
     assert last in recorded
-    assert "`python benchmarks/time_to_accuracy.py quick data.limit=300 evaluate.tta=flip " \
-        "--seeds 1`" in recorded
+    assert "`python benchmarks/time_to_accuracy.py quick quick:trainer.batch_size=64 " \
+        "data.limit=300 evaluate.tta=flip --seeds 1`" in recorded
 
 
 def test_time_to_accuracy_refuses_an_unknown_preset(tmp_path):
