@@ -452,6 +452,7 @@ class TrainerConfig:
     jit_compile: Any = MISSING  # auto | true | false; auto: Keras's rule (docs/gpu.md, "XLA")
     distribute: str = MISSING  # none | mirrored (GPUs of one machine) | multi_worker (machines)
     precise_bn: bool = MISSING  # BatchNorm statistics recomputed over the training data at the end
+    label_smoothing: float = MISSING  # targets moved from 1 and 0 towards 1/K in the cost J
     early_stopping: EarlyStoppingConfig = MISSING
 
     def __post_init__(self) -> None:
@@ -466,6 +467,8 @@ class TrainerConfig:
                  "must be a positive integer", "128")
         _require(self.precision in PRECISIONS, "trainer.precision", self.precision,
                  f"choose one of {', '.join(PRECISIONS)}", "float32")
+        _require(0.0 <= self.label_smoothing < 1.0, "trainer.label_smoothing",
+                 self.label_smoothing, "must lie in [0, 1)", "0.1")
 
 
 @dataclass

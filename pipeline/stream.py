@@ -24,6 +24,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng((seed, epoch)).permutation(n)
 
 
+def one_hot(y: np.ndarray, classes: int | None) -> np.ndarray:
+    """Labels as one-hot float32 rows of `classes` columns; as they are where `classes` is
+    None."""
+    return y if classes is None else np.eye(classes, dtype=np.float32)[y]
+
+
 def sample_weights(y: np.ndarray, class_weight: dict[int, float] | None) -> np.ndarray | None:
     """Per-example weights from per-class weights (Keras's `class_weight`), or None."""
     if not class_weight:
@@ -35,14 +41,17 @@ def sample_weights(y: np.ndarray, class_weight: dict[int, float] | None) -> np.n
 
 
 class EpochBatches(keras.utils.PyDataset):
-    """Batches of (x, y[, sample weight]) in the seeded order of each epoch, from `first_epoch`.
+    """Batches of (x, y[, sample weight]) in the seeded order of each epoch, from `first_epoch`;
+    y one-hot over `classes` columns where given (a loss with label smoothing).
 
     The last batch of an epoch holds the remainder, as Keras's own batching does.
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
-                 first_epoch: int = 0, class_weight: dict[int, float] | None = None):
+                 first_epoch: int = 0, class_weight: dict[int, float] | None = None,
+                 classes: int | None = None):
         super().__init__()
+        self.classes = classes
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(f"EpochBatches: {len(x)} images and {len(y)} labels")
         self.x, self.y = x, y
@@ -68,19 +77,20 @@ class EpochBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         chosen = self.indices(index)
-        batch = (self.x[chosen], self.y[chosen])
+        batch = (self.x[chosen], one_hot(self.y[chosen], self.classes))
         if self.weights is not None:
             batch += (self.weights[chosen],)
         return batch
 
 
 class OrderedBatches(keras.utils.PyDataset):
-    """The images (and labels) of a split in order, `batch_size` at a time: validation and
-    prediction over arrays or shards (`pipeline.shards`) alike, reading one batch at a time."""
+    """The images (and labels, one-hot over `classes` columns where given) of a split in order,
+    `batch_size` at a time: validation and prediction over arrays or shards (`pipeline.shards`)
+    alike, reading one batch at a time."""
 
-    def __init__(self, x, y: np.ndarray | None, batch_size: int):
+    def __init__(self, x, y: np.ndarray | None, batch_size: int, classes: int | None = None):
         super().__init__()
-        self.x, self.y, self.batch_size = x, y, batch_size
+        self.x, self.y, self.batch_size, self.classes = x, y, batch_size, classes
 
     @property
     def num_batches(self) -> int:
@@ -88,7 +98,9 @@ class OrderedBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         part = slice(index * self.batch_size, (index + 1) * self.batch_size)
-        return self.x[part] if self.y is None else (self.x[part], self.y[part])
+        if self.y is None:
+            return self.x[part]
+        return self.x[part], one_hot(self.y[part], self.classes)
 
 
 def predict(model: keras.Model, x, batch_size: int) -> np.ndarray:

@@ -249,12 +249,31 @@ def output_kind(model: keras.Model) -> str:
 
 
 def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                  jit_compile: bool | str = "auto") -> None:
+                  jit_compile: bool | str = "auto", label_smoothing: float = 0.0) -> None:
     """`jit_compile="auto"` is Keras's rule: on TensorFlow, XLA on GPUs and off on CPUs (where
     it made a small CNN several times slower), and off under op determinism; JAX always
-    compiles with XLA."""
-    model.compile(optimizer=optimizer, loss=COST_J[output_kind(model)], metrics=[ACCURACY],
-                  jit_compile=jit_compile)
+    compiles with XLA. With `label_smoothing` ε the cost J is taken against targets moved
+    from 1 and 0 towards 1/K (K classes; 1/2 for a sigmoid unit): Keras's categorical
+    cross-entropy, on one-hot labels (`smoothed_classes`)."""
+    model.compile(optimizer=optimizer, loss=cost_j(output_kind(model), label_smoothing),
+                  metrics=[ACCURACY], jit_compile=jit_compile)
+
+
+def cost_j(kind: str, label_smoothing: float = 0.0):
+    """The loss for an output kind: COST_J's, or its label-smoothed form."""
+    if not label_smoothing:
+        return COST_J[kind]
+    if kind == "sigmoid":
+        return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
+    return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+
+
+def smoothed_classes(model: keras.Model, label_smoothing: float) -> int | None:
+    """The columns the labels are one-hot over for the loss of `cost_j`: the softmax's classes
+    under label smoothing; None (integer labels) otherwise."""
+    if not label_smoothing or output_kind(model) == "sigmoid":
+        return None
+    return int(model.output.shape[-1])
 
 
 def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
@@ -298,7 +317,7 @@ def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
           jit_compile: bool | str = "auto", precise_bn: bool = False,
           freeze_epochs: int = 0, fine_tune_lr_factor: float = 1.0,
           early_stopping: EarlyStoppingConfig | None = None,
-          report=None) -> list[dict[str, float]]:
+          report=None, label_smoothing: float = 0.0) -> list[dict[str, float]]:
     """Compile `model` with the configured optimizer and fit it; return the per-epoch rows.
 
     Each epoch sees the training data in the order `pipeline.stream` derives from `seed` and
@@ -316,7 +335,7 @@ def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
     With `early_stopping` (its `patience` set), training stops once the monitored metric has
     not improved for `patience` epochs, and the model ends with the weights of the best epoch
     (`kept_epoch`), also across a resume. `report(row)` is handed each epoch's row (a search
-    trial's pruner; see `EpochLog`).
+    trial's pruner; see `EpochLog`). `label_smoothing` is that of `compile_model`.
 
     Raises:
         TrainingError: at the first step whose loss is not finite.
@@ -330,13 +349,15 @@ def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
     keeper = (KeepBestEpoch(log, early_stopping, checkpoint)
               if early_stopping is not None and early_stopping.patience is not None else None)
     restored = checkpoint is None
+    classes = smoothed_classes(model, label_smoothing)
     for phase in phases:
         if done >= phase.end and phase is not phases[-1]:
             continue  # completed before a resume
         if phase.backbone_frozen is not None:
             set_backbone_frozen(model, phase.backbone_frozen)
         compile_model(model, make_optimizer(phase.optimizer, steps_per_epoch,
-                                            phase.end - phase.start), jit_compile)
+                                            phase.end - phase.start), jit_compile,
+                      label_smoothing)
         if not restored:
             if done == phase.start > 0:  # a new phase, a new optimizer
                 checkpoint.restore_model(model)
@@ -345,10 +366,10 @@ def train(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
             restored = True
         if done < phase.end and not (keeper and keeper.exhausted()):
             batches = EpochBatches(*train_data, batch_size, seed, first_epoch=done,
-                                   class_weight=class_weight)
+                                   class_weight=class_weight, classes=classes)
             with stop_cleanly_on_signals(model) as stop_on_signal:
                 model.fit(batches, steps_per_epoch=steps_per_epoch, shuffle=False,
-                          validation_data=OrderedBatches(*val_data, batch_size),
+                          validation_data=OrderedBatches(*val_data, batch_size, classes),
                           initial_epoch=done, epochs=phase.end,
                           callbacks=[StepProgress(epochs, steps_per_epoch, batch_size),
                                      LossGuard(), log, *([keeper] if keeper else []),
@@ -436,7 +457,8 @@ def train_replica(model: keras.Model, train_data: tuple[np.ndarray, np.ndarray],
                      seed=cfg.seed, log_metrics=log_metrics, class_weight=weights,
                      checkpoint=checkpoint, jit_compile=cfg.trainer.jit_compile,
                      precise_bn=cfg.trainer.precise_bn, **phase_arguments(cfg.model),
-                     early_stopping=cfg.trainer.early_stopping, report=report)
+                     early_stopping=cfg.trainer.early_stopping, report=report,
+                     label_smoothing=cfg.trainer.label_smoothing)
     if replicas.processes > 1:
         print(f"train: process {replicas.process_id} of {replicas.processes} done, weights "
               f"digest {distribute.weights_digest(model)}", flush=True)

@@ -107,6 +107,7 @@ def test_params_yaml_round_trips():
     (["trainer.foo=1"], "unknown config key 'trainer.foo'"),
     (["optimizer=adam", "optimizer.beta_1=1.5"], "optimizer.beta_1=1.5"),
     (["trainer.precision=float8"], "trainer.precision='float8'"),
+    (["trainer.label_smoothing=1.0"], "trainer.label_smoothing=1.0: must lie in [0, 1)"),
     (["evaluate.tta=rotate"], "evaluate.tta='rotate': must be one of none, flip; for example "
      "evaluate.tta=flip"),
     (["mlflow.sweep_id='a/b'"], "mlflow.sweep_id='a/b': must be letters, digits"),

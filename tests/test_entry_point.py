@@ -25,7 +25,7 @@ def run_folders(project):
 
 def test_override_run_logs_its_params_and_metrics(project):
     result = run(pipeline_cmd("optimizer=momentum", "optimizer.learning_rate=0.02",
-                              "evaluate.tta=flip"), project)
+                              "evaluate.tta=flip", "trainer.label_smoothing=0.1"), project)
     (run_,) = mlflow_runs(project)
     assert run_.info.status == "FINISHED"
     assert run_.data.params["optimizer.name"] == "momentum"
@@ -39,6 +39,7 @@ def test_override_run_logs_its_params_and_metrics(project):
     # flip test-time augmentation, scored beside the plain accuracy, in both places
     assert metrics["test_accuracy_tta"] == pytest.approx(run_.data.metrics["test_accuracy_tta"])
     assert run_.data.params["evaluate.tta"] == "flip"
+    assert run_.data.params["trainer.label_smoothing"] == "0.1"  # trained on one-hot targets
     assert f"with flip test-time augmentation {metrics['test_accuracy_tta']:.4f}" in result.stdout
     assert not (project / "outputs").exists()  # DVC's outputs are left alone
     assert "epoch 1/1" in result.stdout and "test accuracy" in result.stdout

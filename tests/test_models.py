@@ -134,3 +134,35 @@ def test_mixed_precision_builds_and_trains_with_a_float32_output():
         assert np.isfinite(rows[0]["loss"])
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_label_smoothing_trains_against_smoothed_targets():
+    from pipeline.stream import OrderedBatches
+    from pipeline.train import compile_model, cost_j, smoothed_classes, train
+
+    # a softmax whose probabilities do not depend on the image: p = softmax(bias)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    bias = np.array([2.0, 0.0, -1.0], "float32")
+    model.set_weights([np.zeros((4, 3), "float32"), bias])
+    log_p = bias - np.log(np.exp(bias).sum())
+    x = np.random.default_rng(0).normal(size=(6, 4)).astype("float32")
+    y = np.array([0, 1, 2, 0, 1, 2])
+    eps = 0.3
+    targets = (1 - eps) * np.eye(3)[y] + eps / 3
+    assert smoothed_classes(model, eps) == 3 and smoothed_classes(model, 0.0) is None
+    compile_model(model, keras.optimizers.SGD(0.0), label_smoothing=eps)
+    smoothed = model.evaluate(OrderedBatches(x, y, 3, classes=3), verbose=0, return_dict=True)
+    assert smoothed["loss"] == pytest.approx(-np.mean((targets * log_p).sum(axis=1)), rel=1e-5)
+    assert smoothed["accuracy"] == pytest.approx(2 / 6)  # argmax 0, right for the two 0s
+    compile_model(model, keras.optimizers.SGD(0.0))
+    plain = model.evaluate(OrderedBatches(x, y, 3), verbose=0, return_dict=True)
+    assert plain["loss"] == pytest.approx(-np.mean(log_p[y]), rel=1e-5)
+
+    cfg = compose("optimizer=gd", "optimizer.learning_rate=1e-9")
+    rows = train(model, (x, y), (x, y), cfg.optimizer, epochs=1, batch_size=3,
+                 label_smoothing=eps)
+    assert rows[0]["val_loss"] == pytest.approx(smoothed["loss"], rel=1e-4)
+    assert rows[0]["val_accuracy"] == pytest.approx(2 / 6)
+    assert isinstance(cost_j("sigmoid", 0.1), keras.losses.BinaryCrossentropy)
+    assert cost_j("softmax") == "sparse_categorical_crossentropy"
