@@ -273,6 +273,7 @@ class OptimizerConfig:
     learning_rate: float = MISSING
     schedule: str = MISSING  # constant | cosine (to 0 over training) | exponential
     decay_rate: float = MISSING  # exponential schedule: factor per epoch
+    warmup_epochs: float = MISSING  # cosine schedule: epochs of linear warm-up to learning_rate
     clipnorm: float | None = MISSING
 
     def __post_init__(self) -> None:
@@ -285,6 +286,11 @@ class OptimizerConfig:
                  f"choose one of {', '.join(SCHEDULES)}", "cosine")
         _require(0.0 < self.decay_rate <= 1.0, "optimizer.decay_rate", self.decay_rate,
                  "must lie in (0, 1]", "0.9")
+        _require(self.warmup_epochs >= 0, "optimizer.warmup_epochs", self.warmup_epochs,
+                 "must be 0 or more epochs", "1")
+        _require(self.warmup_epochs == 0 or self.schedule == "cosine", "optimizer.warmup_epochs",
+                 self.warmup_epochs, f"warms up the cosine schedule only, not optimizer.schedule="
+                 f"{self.schedule} (add optimizer.schedule=cosine)", "0")
         _require(self.clipnorm is None or self.clipnorm > 0, "optimizer.clipnorm", self.clipnorm,
                  "must be positive or null", "1.0")
         for key, value in self.arguments().items():

@@ -66,9 +66,16 @@ RESUMED_EXACT_TAG = "pipeline.resumed_exact"
 
 
 def make_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int):
-    """The learning rate as a constant or as a Keras schedule over optimizer steps."""
+    """The learning rate as a constant or as a Keras schedule over optimizer steps. The cosine
+    schedule first rises linearly from 0 to the learning rate over `warmup_epochs`, when set,
+    then falls to 0 over the rest of training."""
     if cfg.schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, steps_per_epoch * epochs)
+        total = steps_per_epoch * epochs
+        warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+        if warmup > 0:
+            return keras.optimizers.schedules.CosineDecay(
+                0.0, total - warmup, warmup_target=cfg.learning_rate, warmup_steps=warmup)
+        return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, total)
     if cfg.schedule == "exponential":
         return keras.optimizers.schedules.ExponentialDecay(
             cfg.learning_rate, decay_steps=steps_per_epoch, decay_rate=cfg.decay_rate)

@@ -108,6 +108,10 @@ def test_params_yaml_round_trips():
     (["optimizer=adam", "optimizer.beta_1=1.5"], "optimizer.beta_1=1.5"),
     (["trainer.precision=float8"], "trainer.precision='float8'"),
     (["trainer.label_smoothing=1.0"], "trainer.label_smoothing=1.0: must lie in [0, 1)"),
+    (["optimizer.schedule=constant", "optimizer.warmup_epochs=1"],
+     "optimizer.warmup_epochs=1.0: warms up the cosine schedule only, not "
+     "optimizer.schedule=constant (add optimizer.schedule=cosine); for example "
+     "optimizer.warmup_epochs=0"),
     (["evaluate.tta=rotate"], "evaluate.tta='rotate': must be one of none, flip; for example "
      "evaluate.tta=flip"),
     (["mlflow.sweep_id='a/b'"], "mlflow.sweep_id='a/b': must be letters, digits"),
@@ -196,6 +200,7 @@ epsilon: 1.0e-06
 weight_decay: 0.001
 schedule: exponential
 decay_rate: 0.5
+warmup_epochs: 0.0
 clipnorm: 2.0
 """
 

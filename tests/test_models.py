@@ -166,3 +166,19 @@ def test_label_smoothing_trains_against_smoothed_targets():
     assert rows[0]["val_accuracy"] == pytest.approx(2 / 6)
     assert isinstance(cost_j("sigmoid", 0.1), keras.losses.BinaryCrossentropy)
     assert cost_j("softmax") == "sparse_categorical_crossentropy"
+
+
+def test_warmup_rises_to_the_learning_rate_then_the_cosine_falls_to_zero():
+    from pipeline.train import make_schedule
+
+    cfg = compose("optimizer=adam", "optimizer.learning_rate=0.01",
+                  "optimizer.warmup_epochs=1.5").optimizer
+    schedule = make_schedule(cfg, steps_per_epoch=10, epochs=4)  # 15 steps up, 25 down
+    rate = [float(keras.ops.convert_to_numpy(schedule(step))) for step in range(41)]
+    assert rate[0] == 0.0
+    assert rate[15] == pytest.approx(0.01)
+    assert all(a < b for a, b in zip(rate[:15], rate[1:16]))  # up to the peak
+    assert all(a > b for a, b in zip(rate[15:40], rate[16:41]))  # then down to 0
+    assert rate[40] == pytest.approx(0.0, abs=1e-9)
+    plain = make_schedule(compose("optimizer=adam").optimizer, 10, 4)
+    assert float(keras.ops.convert_to_numpy(plain(0))) == pytest.approx(0.001)
