@@ -1,6 +1,6 @@
 """Test accuracy of the experiment presets and their training time in epochs of the default.
 
-    python benchmarks/time_to_accuracy.py                   # fast and best, seeds 42 43 44
+    make bench-accuracy     # python benchmarks/time_to_accuracy.py: fast and best, seeds 42 43 44
     python benchmarks/time_to_accuracy.py fast --seeds 42   # one preset, one seed
     python benchmarks/time_to_accuracy.py fast data.limit=3000   # Hydra overrides for every run
     python benchmarks/time_to_accuracy.py fast fast:augment.erase=0.5   # a trick, paired
