@@ -86,7 +86,7 @@ bench-data: setup ## prepare and training at 5,000/20,000 photos against the dec
 bench-accuracy: data ## time to accuracy of the fast and best presets, in default-epoch equivalents
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/time_to_accuracy.py $(ARGS)
 
-# The same seeded 16-trial study with the median pruner and without (2 to 2.5 hours on 2 AVX2
+# The same seeded 16-trial study with the median pruner and without (about 2 hours on 2 AVX2
 # cores)
 bench-search: data ## a hyperparameter search with pruning against the same without
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/search_pruning.py $(ARGS)
