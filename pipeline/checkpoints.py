@@ -28,6 +28,7 @@ from pipeline.config import Config, to_dict
 from pipeline.errors import Interrupted, TrainingError, TrialPruned
 from pipeline.files import atomic_dir, read_arrays, read_json, write_arrays, write_json
 from pipeline.metric_names import LOSS
+from pipeline.processes import is_running
 
 CHECKPOINTS_DIR = ".checkpoints"
 TRAINING_KEYS = ("seed", "data", "model", "augment", "optimizer", "trainer")
@@ -178,20 +179,10 @@ def remove_orphans(folder: Path) -> list[Path]:
     removed = []
     for other in folder.parent.glob(f"{glob.escape(folder.name)}-*"):
         pid = other.name[len(folder.name) + 1:]
-        if pid.isdigit() and not process_alive(int(pid)):
+        if pid.isdigit() and not is_running(int(pid)):
             shutil.rmtree(other, ignore_errors=True)
             removed.append(other)
     return removed
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 @contextmanager

@@ -122,6 +122,13 @@ def curve_scores(y: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, 
     return one_hot.ravel(), probabilities.ravel()
 
 
+def cross_entropy(y: np.ndarray, probabilities: np.ndarray) -> float:
+    """The mean cross-entropy of the class probabilities; for a sigmoid output (two columns,
+    `class_probabilities`) equal to its binary cross-entropy, -log p or -log(1 - p)."""
+    loss = keras.losses.SparseCategoricalCrossentropy()(y, probabilities)
+    return float(keras.ops.convert_to_numpy(loss))
+
+
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, class_names: list[str],
              batch_size: int) -> tuple[dict, dict, np.ndarray, np.ndarray, dict]:
     """Return (metrics, per-class scores, confusion matrix, predicted labels, curves) of
@@ -135,15 +142,13 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, class_names: list
     probabilities = class_probabilities(predict(model, x, batch_size))
     predicted = probabilities.argmax(axis=1)
     matrix = confusion_matrix(y, predicted, len(class_names))
-    # equal to the binary cross-entropy of a sigmoid output: -log p or -log(1 - p)
-    loss = keras.losses.SparseCategoricalCrossentropy()(y, probabilities)
     scores = per_class_scores(matrix, class_names)
     positive, score = curve_scores(y, probabilities)
     fpr, tpr, roc_thresholds = roc_curve(positive, score)
     recall, precision, pr_thresholds = precision_recall_curve(positive, score)
     metrics = {
         TEST_ACCURACY: float(np.mean(predicted == y)),
-        TEST_LOSS: float(keras.ops.convert_to_numpy(loss)),
+        TEST_LOSS: cross_entropy(y, probabilities),
         **diagnostics.interval_metrics("test", int(np.sum(predicted == y)), len(y)),
         "macro_precision": float(np.mean([s["precision"] for s in scores.values()])),
         "macro_recall": float(np.mean([s["recall"] for s in scores.values()])),
@@ -173,9 +178,8 @@ def tta_metrics(model: keras.Model, x, y: np.ndarray, tta: str, batch_size: int)
     if tta == "none":
         return {}
     probabilities = class_probabilities(predict(flip_averaged(model), x, batch_size))
-    loss = keras.losses.SparseCategoricalCrossentropy()(y, probabilities)
     return {TEST_ACCURACY_TTA: float(np.mean(probabilities.argmax(axis=1) == y)),
-            TEST_LOSS_TTA: float(keras.ops.convert_to_numpy(loss))}
+            TEST_LOSS_TTA: cross_entropy(y, probabilities)}
 
 
 def curve_csv(curve: dict[str, np.ndarray], max_points: int = 1000) -> str:
