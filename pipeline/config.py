@@ -480,14 +480,18 @@ class TrainerConfig:
 @dataclass
 class InvarianceConfig:
     """The translation-invariance measurement in `evaluate`: the test images shifted by
-    1..max_shift pixels up, down, left and right (zero-filled)."""
+    1..max_shift pixels up, down, left and right (zero-filled); 0 leaves it out (each pixel
+    of shift costs four more passes over the test split)."""
 
     max_shift: int = MISSING
     baseline_run: str | None = MISSING  # MLflow run id of a baseline (e.g. model=mlp) to compare
 
     def __post_init__(self) -> None:
-        _require(self.max_shift > 0, "invariance.max_shift", self.max_shift,
-                 "must be a positive number of pixels", "4")
+        _require(self.max_shift >= 0, "invariance.max_shift", self.max_shift,
+                 "must be a number of pixels, or 0 to leave the shift analysis out", "4")
+        _require(not (self.max_shift == 0 and self.baseline_run), "invariance.max_shift",
+                 self.max_shift, "leaves out the shift analysis that invariance.baseline_run "
+                 "compares with", "4")
 
 
 TTA_MODES = ("none", "flip")

@@ -243,15 +243,18 @@ class Results:
 
 def assess(model: keras.Model, x_test, y_test: np.ndarray, class_names: list[str], cfg: Config,
            baseline: tuple[str, list[dict]] | None) -> Results:
-    """Score the model on the test split and on its shifted copies."""
+    """Score the model on the test split and on its shifted copies (none with
+    `invariance.max_shift=0`: no shift curve and no `shift` summary then)."""
     metrics, per_class, matrix, predicted, curves = evaluate(
         model, x_test, y_test, class_names, cfg.trainer.batch_size)
     metrics.update(tta_metrics(model, x_test, y_test, cfg.evaluate.tta, cfg.trainer.batch_size))
-    shift = invariance.shift_curve(
-        lambda images: predict_labels(model, images, cfg.trainer.batch_size),
-        x_test, y_test, cfg.invariance.max_shift, reference=predicted,
-        block=cfg.trainer.batch_size * SHIFT_BLOCK_BATCHES)
-    metrics["shift"] = shift_summary(shift, baseline[1] if baseline else None)
+    shift = []
+    if cfg.invariance.max_shift:
+        shift = invariance.shift_curve(
+            lambda images: predict_labels(model, images, cfg.trainer.batch_size),
+            x_test, y_test, cfg.invariance.max_shift, reference=predicted,
+            block=cfg.trainer.batch_size * SHIFT_BLOCK_BATCHES)
+        metrics["shift"] = shift_summary(shift, baseline[1] if baseline else None)
     return Results(metrics, per_class, matrix, predicted, curves, shift)
 
 
@@ -271,10 +274,11 @@ def write_results(results: Results, model: keras.Model, x_test, y_test: np.ndarr
     save_figure(plot_learning_curves(history), figures / CURVES_PNG)
     save_figure(plot_roc_pr(results.curves, results.metrics, curve_label(class_names)),
                 figures / ROC_PR_PNG)
-    shift_curves = {model.name: results.shift}
-    if baseline:
-        shift_curves[f"{baseline[0]} (baseline)"] = baseline[1]
-    save_figure(plot_shift_curves(shift_curves), figures / SHIFT_PNG)
+    if results.shift:
+        shift_curves = {model.name: results.shift}
+        if baseline:
+            shift_curves[f"{baseline[0]} (baseline)"] = baseline[1]
+        save_figure(plot_shift_curves(shift_curves), figures / SHIFT_PNG)
     draw_first_layer(model, x_test, y_test, class_names, figures)
 
 
@@ -282,7 +286,8 @@ def logged_metrics(results: Results) -> dict[str, float]:
     """The numbers the run gets once: the headline figures, the shift summary flattened
     (`shift.mean_agreement`, ...) and each class's F1 under a key MLflow accepts."""
     numbers = {k: v for k, v in results.metrics.items() if isinstance(v, (int, float))}
-    numbers.update(flatten({"shift": results.metrics["shift"]}))
+    if "shift" in results.metrics:
+        numbers.update(flatten({"shift": results.metrics["shift"]}))
     numbers.update({tracking.metric_key(f"test_f1.{name}"): scores["f1"]
                     for name, scores in results.per_class.items()})
     return numbers
@@ -332,8 +337,10 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str) -> dict:
     return results.metrics
 
 
-def shift_line(shift: dict, max_shift: int) -> str:
+def shift_line(shift: dict | None, max_shift: int) -> str:
     """Accuracy at the largest shift and the mean agreement, and the baseline's."""
+    if shift is None:
+        return "shift analysis left out (invariance.max_shift=0)"
     line = (f"shifted {max_shift} px: accuracy {shift['accuracy_at_max_shift']:.4f}, "
             f"mean agreement {shift['mean_agreement']:.4f}")
     if "baseline" in shift:
@@ -360,7 +367,7 @@ def print_summary(cfg: Config, out_root: Path, metrics: dict, run_id: str, uri: 
     print(f"\ntest accuracy {metrics[TEST_ACCURACY]:.4f} {interval}, "
           f"test loss {metrics[TEST_LOSS]:.4f}, macro F1 {metrics['macro_f1']:.4f}"
           f"{tta_text(cfg.evaluate.tta, metrics)}\n"
-          f"  {shift_line(metrics['shift'], cfg.invariance.max_shift)}\n"
+          f"  {shift_line(metrics.get('shift'), cfg.invariance.max_shift)}\n"
           f"  model    {show(cfg.paths.model)}\n"
           f"  metrics  {show(cfg.paths.metrics)}, per class {show(cfg.paths.per_class)}\n"
           f"  plots    {show(cfg.paths.figures)}/, {show(cfg.paths.history)}, "

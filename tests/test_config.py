@@ -121,6 +121,9 @@ def test_params_yaml_round_trips():
      "keras.optimizers.Adam; its arguments are beta_1, beta_2, "),
     (["optimizer=rmsprop", "optimizer.rho=1.0"], "optimizer.rho=1.0: must lie in (0, 1)"),
     (["optimizer=adamw", "optimizer.weight_decay=-1"], "optimizer.weight_decay=-1.0: must be"),
+    (["invariance.max_shift=-1"], "invariance.max_shift=-1: must be a number of pixels, or 0"),
+    (["invariance.max_shift=0", "invariance.baseline_run=abc"], "invariance.max_shift=0: "
+     "leaves out the shift analysis that invariance.baseline_run compares with"),
 ])
 def test_bad_overrides_fail_with_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -194,6 +194,34 @@ def test_evaluate_alone_under_new_params_logs_a_run_of_its_own(baseline_and_cnn,
     assert evaluation.data.metrics["test_accuracy"] == metrics["test_accuracy"]
 
 
+def test_max_shift_0_leaves_the_shift_analysis_out(baseline_and_cnn, data_dir, capsys):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import evaluate
+
+    tmp, store, _, _, cnn_cfg, metrics = baseline_and_cnn
+    again = tmp / "cnn-without-shifts"
+    shutil.copytree(tmp / "cnn", again)
+    shutil.rmtree(again / cnn_cfg.paths.figures)  # as DVC removes a stage's outputs first
+    cfg = compose(*quick(f"mlflow.tracking_uri={store}", "invariance.max_shift=0"))
+    without = evaluate.run(cfg, data_dir.parent, again, "dvc repro")
+    assert "shift" not in without
+    assert without["test_accuracy"] == metrics["test_accuracy"]
+    assert (again / cfg.paths.shift).read_text().splitlines() == ["shift,accuracy,agreement"]
+    figures = again / cfg.paths.figures
+    assert not (figures / SHIFT_PNG).exists() and (figures / FILTERS_PNG).exists()
+    assert "shift analysis left out (invariance.max_shift=0)" in capsys.readouterr().out
+    trained = json.loads((again / cnn_cfg.paths.run).read_text())["run_id"]
+    client = MlflowClient(store)
+    (evaluation,) = client.search_runs(
+        [client.get_run(trained).info.experiment_id],
+        filter_string=f"tags.`{tracking.EVALUATES_TAG}` = '{trained}' "
+                      "and params.`invariance.max_shift` = '0'")
+    assert not [k for k in evaluation.data.metrics if k.startswith("shift")]
+
+
 @pytest.mark.parametrize("override,message", [
     ("data.limit=200", "tested on other data, so the curves do not compare: data.limit 300"),
     ("invariance.max_shift=3", "its shift curve reaches 2 pixels"),

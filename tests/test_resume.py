@@ -13,12 +13,19 @@ import numpy as np
 import pytest
 
 from pipeline import backend, distribute
+from pipeline import train as train_module
 from pipeline.checkpoints import Checkpoint, claimed, random_states
 from pipeline.data import fashion_mnist
 from pipeline.models import build_model
 from pipeline.params import composed
 from pipeline.stream import EpochBatches, epoch_order
-from pipeline.train import make_optimizer, recompute_batchnorm_statistics, train
+from pipeline.train import (
+    batchnorm_layers,
+    batchnorm_momentum,
+    make_optimizer,
+    recompute_batchnorm_statistics,
+    train,
+)
 from tests.conftest import REPO, env, mlflow_runs, run
 from tests.test_faults import start, wait_for_line
 
@@ -149,6 +156,36 @@ def test_precise_batchnorm_statistics_are_those_of_the_training_data(subset):
     inputs = keras.Model(model.input, dense.input).predict(x, verbose=0)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(dense.moving_mean),
                                inputs.mean(axis=0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_batchnorm_momentum_forgets_the_start_within_an_epoch():
+    assert batchnorm_momentum(422, 0.99) == 0.99  # the full default keeps Keras's
+    assert batchnorm_momentum(36, 0.99) == pytest.approx(1 - 4 / 36)
+    assert batchnorm_momentum(36, 0.5) == 0.5
+    assert batchnorm_momentum(3, 0.99) == 0.0  # the last batch's statistics
+    assert batchnorm_momentum(36, 0.99) ** 36 < np.exp(-4)
+
+
+def test_batchnorm_momentum_changes_the_statistics_not_the_weights(subset, monkeypatch):
+    x, y = subset
+    trained = {}
+    for rule in ("per epoch", "keras"):
+        if rule == "keras":
+            monkeypatch.setattr(train_module, "batchnorm_momentum", lambda steps, m: m)
+        model = fresh_model()
+        train(model, (x[:448], y[:448]), (x[448:], y[448:]), composed([]).optimizer,
+              epochs=1, batch_size=64, seed=7)
+        trained[rule] = model
+    per_epoch, keras_rule = trained["per epoch"], trained["keras"]
+    assert {bn.momentum for bn in batchnorm_layers(per_epoch)} == {batchnorm_momentum(7, 0.99)}
+    assert {bn.momentum for bn in batchnorm_layers(keras_rule)} == {0.99}
+    for a, b in zip(per_epoch.trainable_weights, keras_rule.trainable_weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
+                                      keras.ops.convert_to_numpy(b))
+    bn, other = batchnorm_layers(per_epoch)[0], batchnorm_layers(keras_rule)[0]
+    assert not np.allclose(keras.ops.convert_to_numpy(bn.moving_mean),
+                           keras.ops.convert_to_numpy(other.moving_mean))
 
 
 @pytest.mark.unit
