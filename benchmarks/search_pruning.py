@@ -1,13 +1,15 @@
-"""What pruning saves a hyperparameter search: the same seeded Optuna study with the median
-pruner and without one, on the same machine in the same run.
+"""What pruning saves a hyperparameter search: the same seeded Optuna study with a pruner
+(the median one by default) and without one, on the same machine in the same run.
 
     make bench-search      # python benchmarks/search_pruning.py
     python benchmarks/search_pruning.py --trials 4 --limit 1000 --epochs 2   # a quick look
+    python benchmarks/search_pruning.py --pruner hyperband
+    python benchmarks/search_pruning.py hparams_search.startup_trials=3   # overrides for both
 
 Each study is `python -m pipeline -m hparams_search=optuna` with `--trials` trials (16),
 `data.limit` (10,000 images), `trainer.epochs` (up to 6: a trial stops earlier when pruned)
 and the same seed, so both studies draw their first values alike; only `hparams_search.pruner`
-differs (`median`, then `none`, alternating which runs first over `--rounds`). Each runs in a
+differs (`--pruner`, then `none`, alternating which runs first over `--rounds`). Each runs in a
 folder of its own outside the project: its own study storage, MLflow store and sweep folder,
 so nothing reaches the project's `optuna.db`, `mlflow.db` or champion. Timed: the wall time of
 the search process, start-up included. Read back from the study: the best validation
@@ -34,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-PRUNERS = ("median", "none")
+PRUNERS = ("median", "hyperband")  # each measured against "none"
 
 
 def study(pruner: str, args: argparse.Namespace, folder: Path) -> dict:
@@ -75,39 +77,42 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="trainer.epochs of each trial")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--pruner", choices=PRUNERS, default="median",
+                        help="the pruner measured against none (hparams_search.pruner)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for both searches")
     args = parser.parse_args()
     from pipeline.backend import cpu_model
 
-    runs: dict[str, list[dict]] = {p: [] for p in PRUNERS}
+    pruners = (args.pruner, "none")
+    runs: dict[str, list[dict]] = {p: [] for p in pruners}
     with tempfile.TemporaryDirectory(prefix="search-bench-") as tmp:
         for round_ in range(args.rounds):
-            order = PRUNERS if round_ % 2 == 0 else PRUNERS[::-1]
+            order = pruners if round_ % 2 == 0 else pruners[::-1]
             print(f"round {round_ + 1} of {args.rounds}", flush=True)
             for pruner in order:
                 runs[pruner].append(study(pruner, args, Path(tmp) / f"{round_}-{pruner}"))
     ratio = statistics.median(p["seconds"] / n["seconds"]
-                              for p, n in zip(runs["median"], runs["none"]))
-    best = {p: statistics.median(r["best"] for r in runs[p]) for p in PRUNERS}
+                              for p, n in zip(runs[args.pruner], runs["none"]))
+    best = {p: statistics.median(r["best"] for r in runs[p]) for p in pruners}
     lines = [
         f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, search "
         f"pruning, {cpu_model()}, {os.cpu_count()} cores",
         "",
         f"`python benchmarks/search_pruning.py --trials {args.trials} --limit {args.limit} "
-        f"--epochs {args.epochs} --seed {args.seed} --rounds {args.rounds}"
-        f"{''.join(' ' + o for o in args.overrides)}` (the same seeded study with the median "
-        "pruner and with none; wall time of each search process)",
+        f"--epochs {args.epochs} --seed {args.seed} --rounds {args.rounds} "
+        f"--pruner {args.pruner}{''.join(' ' + o for o in args.overrides)}` (the same seeded "
+        f"study with the {args.pruner} pruner and with none; wall time of each search process)",
         "",
         "| pruner | wall time (s) | best val_accuracy | trials pruned | epochs trained |",
         "|---|---:|---:|---:|---:|",
     ]
-    for pruner in PRUNERS:
+    for pruner in pruners:
         for r in runs[pruner]:
             lines.append(f"| {pruner} | {r['seconds']:.0f} | {r['best']:.4f} | "
                          f"{r['pruned']} of {r['trials']} | {r['epochs']} |")
     summary = (f"search: pruning took {ratio:.2f} of the time, best val_accuracy "
-               f"{best['median']:.4f} vs {best['none']:.4f}")
+               f"{best[args.pruner]:.4f} vs {best['none']:.4f}")
     lines += ["", summary, ""]
     with args.out.open("a") as f:
         f.write("\n".join(lines) + "\n")
