@@ -232,13 +232,16 @@ def read_history(path: Path) -> list[dict[str, float]]:
 
 @dataclass
 class Results:
-    """What evaluating a model on the test split found."""
+    """What evaluating a model on the test split found, and what it was compared with."""
     metrics: dict  # the headline figures, the shift summary under "shift"
     per_class: dict[str, dict[str, float]]
     matrix: np.ndarray
     predicted: np.ndarray
+    actual: np.ndarray  # the test labels
+    class_names: list[str]
     curves: dict[str, dict[str, np.ndarray]]  # ROC and precision-recall
     shift: list[dict]  # the shift curve, a row per shift
+    baseline: tuple[str, list[dict]] | None  # the baseline model's name and shift curve
 
 
 def assess(model: keras.Model, x_test, y_test: np.ndarray, class_names: list[str], cfg: Config,
@@ -255,17 +258,18 @@ def assess(model: keras.Model, x_test, y_test: np.ndarray, class_names: list[str
             x_test, y_test, cfg.invariance.max_shift, reference=predicted,
             block=cfg.trainer.batch_size * SHIFT_BLOCK_BATCHES)
         metrics["shift"] = shift_summary(shift, baseline[1] if baseline else None)
-    return Results(metrics, per_class, matrix, predicted, curves, shift)
+    return Results(metrics, per_class, matrix, predicted, y_test, class_names, curves, shift,
+                   baseline)
 
 
-def write_results(results: Results, model: keras.Model, x_test, y_test: np.ndarray,
-                  class_names: list[str], history: list[dict[str, float]],
-                  baseline: tuple[str, list[dict]] | None, cfg: Config, out_root: Path) -> None:
+def write_results(results: Results, model: keras.Model, x_test,
+                  history: list[dict[str, float]], cfg: Config, out_root: Path) -> None:
     """The stage's files: metrics, per-class figures, the DVC plots' CSVs and the PNGs."""
+    class_names, baseline = results.class_names, results.baseline
     write_json(out_root / cfg.paths.metrics, results.metrics)
     write_json(out_root / cfg.paths.per_class, results.per_class)
     write_text(out_root / cfg.paths.confusion,
-               confusion_csv(y_test, results.predicted, class_names))
+               confusion_csv(results.actual, results.predicted, class_names))
     for name, path in (("roc", cfg.paths.roc), ("precision_recall", cfg.paths.precision_recall)):
         write_text(out_root / path, curve_csv(results.curves[name]))
     write_text(out_root / cfg.paths.shift, curve_csv(invariance.curve_columns(results.shift)))
@@ -279,7 +283,7 @@ def write_results(results: Results, model: keras.Model, x_test, y_test: np.ndarr
         if baseline:
             shift_curves[f"{baseline[0]} (baseline)"] = baseline[1]
         save_figure(plot_shift_curves(shift_curves), figures / SHIFT_PNG)
-    draw_first_layer(model, x_test, y_test, class_names, figures)
+    draw_first_layer(model, x_test, results.actual, class_names, figures)
 
 
 def logged_metrics(results: Results) -> dict[str, float]:
@@ -325,8 +329,7 @@ def run(cfg: Config, root: Path, out_root: Path, entry_point: str) -> dict:
         warning = diagnostics.collapse_warning(
             predicted=results.predicted, actual=y_test, split="test", class_names=class_names,
             train_accuracy=history[-1][ACCURACY] if history else float("nan"), history=history)
-        write_results(results, model, x_test, y_test, class_names, history, baseline, cfg,
-                      out_root)
+        write_results(results, model, x_test, history, cfg, out_root)
         log_results(results, cfg, out_root)
         if warning:
             tracking.set_warning(warning)
