@@ -9,9 +9,10 @@ MLflow run with everything on, reading its batches from the prepared shards on d
 stage does (the seeded order of each epoch, per-epoch MLflow logging, the loss guard, the
 resumable checkpoint, the progress line). The bare way is the fastest plain Keras found for
 that model and data: `model.compile` (Keras's own XLA rule, as the train stage: XLA trained at
-under a fifth of the speed on CPUs, docs/speed.md) and `model.fit` with `verbose=0`, fed two
-ways each round, in-memory arrays (`shuffle=True`) and a `tf.data` pipeline (cache, seeded
-shuffle, batch, prefetch). The faster of the two by median throughput is the baseline. The
+under a fifth of the speed on CPUs, docs/speed.md) and `model.fit` with `verbose=0`, fed three
+ways each round: in-memory arrays (`shuffle=True`), a `tf.data` pipeline (cache, seeded
+shuffle, batch, prefetch) and a `keras.utils.PyDataset` handing NumPy batches of the in-memory
+arrays in a new random order each epoch. The fastest by median throughput is the baseline. The
 last line is `pipeline/bare throughput ratio: X.XX`, the median over the rounds of the
 baseline's time over the pipeline's.
 """
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 import pipeline  # noqa: E402, F401  (first: it quiets TensorFlow's start-up log)
 # isort: on
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 from benchmarks.training_options import tf_data  # noqa: E402
 from pipeline import backend, tracking  # noqa: E402
@@ -44,7 +46,27 @@ from pipeline.prepare import prepare_configured, read_split  # noqa: E402
 from pipeline.shards import ShardWriter  # noqa: E402
 from pipeline.train import compile_model, make_optimizer, train  # noqa: E402
 
-BARE_WAYS = ("bare arrays", "bare tf.data")  # how `model.fit` gets the data
+BARE_WAYS = ("bare arrays", "bare tf.data", "bare PyDataset")  # how `model.fit` gets the data
+
+
+class ShuffledBatches(keras.utils.PyDataset):
+    """Plain Keras input: NumPy batches of in-memory arrays, reshuffled after each epoch."""
+
+    def __init__(self, x, y, batch_size: int, seed: int):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(x))
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, index: int):
+        chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        return self.x[chosen], self.y[chosen]
+
+    def on_epoch_end(self) -> None:
+        self.order = self.rng.permutation(len(self.x))
 
 
 class FirstStep(keras.callbacks.Callback):
@@ -68,6 +90,9 @@ def bare_fit(model, cfg, data, epochs, way):
     if way == "bare tf.data":  # the dataset shuffles; built inside the timing, as fit's own is
         model.fit(tf_data(x, y, batch, cfg.seed), validation_data=data["val"], epochs=epochs,
                   shuffle=False, verbose=0, callbacks=[first])
+    elif way == "bare PyDataset":
+        model.fit(ShuffledBatches(x, y, batch, cfg.seed), validation_data=data["val"],
+                  epochs=epochs, shuffle=False, verbose=0, callbacks=[first])
     else:
         model.fit(x, y, validation_data=data["val"], epochs=epochs, batch_size=batch,
                   shuffle=True, verbose=0, callbacks=[first])
@@ -155,7 +180,7 @@ def main() -> None:
         f"`python benchmarks/throughput.py --rounds {args.rounds} --epochs {args.epochs} "
         f"--images {args.images}` (model {cfg.model.name}, batch {cfg.trainer.batch_size}, "
         f"{images} training images per run, medians of {args.rounds} alternating rounds; the "
-        "ratio is the median of the rounds' ratios against the faster bare way)",
+        "ratio is the median of the rounds' ratios against the fastest bare way)",
         "",
         "| way | images/s | time to first step | MLflow logging per epoch |",
         "|---|---:|---:|---:|",
