@@ -4,6 +4,7 @@
     make bench-search      # python benchmarks/search_pruning.py
     python benchmarks/search_pruning.py --trials 4 --limit 1000 --epochs 2   # a quick look
     python benchmarks/search_pruning.py --pruner hyperband
+    python benchmarks/search_pruning.py --pruner successive_halving
     python benchmarks/search_pruning.py hparams_search.startup_trials=3   # overrides for both
 
 Each study is `python -m pipeline -m hparams_search=optuna` with `--trials` trials (16),
@@ -36,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-PRUNERS = ("median", "hyperband")  # each measured against "none"
+PRUNERS = ("median", "hyperband", "successive_halving")  # each measured against "none"
 
 
 def study(pruner: str, args: argparse.Namespace, folder: Path) -> dict:

@@ -69,7 +69,7 @@ from pipeline.params import explain_override_error
 DEFAULT_STORAGE = "optuna.db"  # at the project root, beside mlflow.db
 STORAGE_ATTEMPTS = 3  # to open a new storage whose tables another machine is creating
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
-PRUNERS = ("none", "median", "hyperband")
+PRUNERS = ("none", "median", "hyperband", "successive_halving")
 OBJECTIVE = VAL_ACCURACY  # maximised; what `trials.TrialLink` reports
 SPACE_ATTR = "search_space"  # on the study: the space it was created with
 HOST_ATTR = tracking.HOST_TAG  # on each trial: the process that runs it, as on MLflow runs
@@ -101,9 +101,9 @@ class SearchConfig:
     storage: str | None = MISSING  # an RDB URL; null: sqlite optuna.db at the project root
     n_trials: int = MISSING  # trials that end (complete, pruned, failed), over every run
     timeout: float | None = MISSING  # seconds after which this process starts no new trial
-    pruner: str = MISSING  # none | median | hyperband
+    pruner: str = MISSING  # none | median | hyperband | successive_halving
     startup_trials: int = MISSING  # median: trials that complete before any is pruned
-    warmup_epochs: int = MISSING  # median: epochs a trial trains before it can be pruned
+    warmup_epochs: int = MISSING  # median, successive_halving: epochs before any pruning
     sampler_seed: int = MISSING
     n_jobs: int = MISSING  # search processes on this machine, sharing the study
 
@@ -328,7 +328,16 @@ def make_pruner(settings: SearchConfig) -> optuna.pruners.BasePruner:
                                            n_warmup_steps=settings.warmup_epochs)
     if settings.pruner == "hyperband":  # epochs from 1 to those of the first completed trial
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto")
+    if settings.pruner == "successive_halving":  # ASHA: rungs at w, 3w, 9w... epochs
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=first_rung(settings), reduction_factor=3)
     return optuna.pruners.NopPruner()
+
+
+def first_rung(settings: SearchConfig) -> int:
+    """The epochs after which successive halving first compares trials: `warmup_epochs`, and
+    at least one."""
+    return max(1, settings.warmup_epochs)
 
 
 def describe_pruner(settings: SearchConfig) -> str:
@@ -337,6 +346,8 @@ def describe_pruner(settings: SearchConfig) -> str:
                 f"n_warmup_steps={settings.warmup_epochs})")
     if settings.pruner == "hyperband":
         return "HyperbandPruner(min_resource=1, max_resource=auto)"
+    if settings.pruner == "successive_halving":
+        return f"SuccessiveHalvingPruner(min_resource={first_rung(settings)}, reduction_factor=3)"
     return "NopPruner"
 
 

@@ -71,6 +71,34 @@ def test_the_search_option_composes_and_the_stages_ignore_its_settings():
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("warmup,rung", [(0, 1), (1, 1), (2, 2)])
+def test_successive_halving_compares_trials_first_after_the_warmup_epochs(warmup, rung):
+    import optuna
+
+    from pipeline.search import describe_pruner, make_pruner, read_settings
+
+    raw = compose_config(["hparams_search=optuna", "hparams_search.pruner=successive_halving",
+                          f"hparams_search.warmup_epochs={warmup}"], sweep=True)
+    settings = read_settings(raw["hparams_search"])
+    assert describe_pruner(settings) == (f"SuccessiveHalvingPruner(min_resource={rung}, "
+                                         "reduction_factor=3)")
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(settings))
+    leader = study.ask()
+    for epoch in range(1, 7):
+        leader.report(0.9, epoch)
+        assert not leader.should_prune()
+    study.tell(leader, 0.9)
+    laggard = study.ask()  # worse than the leader at every epoch: stopped at the first rung
+    pruned_at = None
+    for epoch in range(1, 7):
+        laggard.report(0.5, epoch)
+        if laggard.should_prune():
+            pruned_at = epoch
+            break
+    assert pruned_at == rung
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("key,value", [("n_trials", 0), ("pruner", "mean"), ("timeout", -1),
                                        ("study_name", "my study")])
 def test_bad_search_settings_fail_in_one_line(key, value):
