@@ -523,14 +523,14 @@ def report(results: list[dict], args, cores: int, command: str) -> list[str]:
     import keras
     import psutil
 
-    from pipeline.backend import cpu_model
+    from pipeline.backend import cpu_description
 
     first, last = results[0], results[-1]
     growth = machine_peak(last) / machine_peak(first)
     workers = args.workers or cores
     lines = [
         f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, data scale, "
-        f"{cpu_model()}, {cores} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+        f"{cpu_description()}, {cores} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
         f"Keras {keras.__version__} ({keras.backend.backend()})",
         "",
         f"`{command}` (synthetic JPEGs of {WIDTHS[0]}-{WIDTHS[1]} x {HEIGHTS[0]}-{HEIGHTS[1]} "

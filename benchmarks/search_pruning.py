@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for both searches")
     args = parser.parse_args()
-    from pipeline.backend import cpu_model
+    from pipeline.backend import cpu_description
 
     pruners = (args.pruner, "none")
     runs: dict[str, list[dict]] = {p: [] for p in pruners}
@@ -98,7 +98,7 @@ def main() -> None:
     best = {p: statistics.median(r["best"] for r in runs[p]) for p in pruners}
     lines = [
         f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, search "
-        f"pruning, {cpu_model()}, {os.cpu_count()} cores",
+        f"pruning, {cpu_description()}, {os.cpu_count()} cores",
         "",
         f"`python benchmarks/search_pruning.py --trials {args.trials} --limit {args.limit} "
         f"--epochs {args.epochs} --seed {args.seed} --rounds {args.rounds} "

@@ -174,7 +174,7 @@ def main() -> None:
                               for b, p in zip(results[baseline], results["pipeline"]))
     lines = [
         f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
-        f"{backend.cpu_model()}, Keras {keras.__version__} "
+        f"{backend.cpu_description()}, Keras {keras.__version__} "
         f"({keras.backend.backend()}), {backend.describe_devices()}",
         "",
         f"`python benchmarks/throughput.py --rounds {args.rounds} --epochs {args.epochs} "

@@ -124,13 +124,12 @@ def last_line(summary: dict[str, dict[str, float]]) -> str:
 
 def report(presets: list[str], seeds: list[int], extra: list[str],
            results: dict[str, dict[int, dict]]) -> list[str]:
-    from pipeline.backend import cpu_flags, cpu_model
+    from pipeline.backend import cpu_description
 
     command = " ".join(["python benchmarks/time_to_accuracy.py", *presets, *extra,
                         "--seeds", *map(str, seeds)])
-    flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma"))))
     lines = [f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, time to "
-             f"accuracy, {cpu_model()} ({flags or 'no AVX'}), {os.cpu_count()} cores", "",
+             f"accuracy, {cpu_description()}, {os.cpu_count()} cores", "",
              f"`{command}`", "",
              "| seed | run | test accuracy | with TTA | training time | epochs | default epochs |",
              "|---:|---|---:|---:|---:|---:|---:|"]

@@ -74,6 +74,17 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     return _cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine()
 
 
+SPEED_CPU_FLAGS = ("avx2", "fma", "avx512f", *BF16_CPU_FLAGS)  # what CPU training speed follows
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model and the flags its training speed follows (`SPEED_CPU_FLAGS`), for
+    benchmark reports: `AMD EPYC (avx2 fma avx512f avx512_bf16)`."""
+    flags = cpu_flags(cpuinfo)
+    present = [f for f in SPEED_CPU_FLAGS if f in flags]
+    return f"{cpu_model(cpuinfo)} ({' '.join(present) or 'no AVX2'})"
+
+
 def resolve_precision(precision: str, flags: set[str] | None = None,
                       gpu: bool | None = None) -> str:
     """`trainer.precision` as Keras's dtype policy: `auto` is mixed_bfloat16 on a GPU or on a

@@ -189,6 +189,16 @@ def test_batchnorm_momentum_changes_the_statistics_not_the_weights(subset, monke
 
 
 @pytest.mark.unit
+def test_benchmark_reports_name_the_cpu_and_the_flags_its_speed_follows(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma avx512f "
+                       "avx512bw avx512_bf16\n")
+    assert backend.cpu_description(str(cpuinfo)) == "AMD EPYC (avx2 fma avx512f avx512_bf16)"
+    cpuinfo.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2\n")
+    assert backend.cpu_description(str(cpuinfo)) == "Old CPU (no AVX2)"
+
+
+@pytest.mark.unit
 def test_precision_auto_picks_bfloat16_only_where_it_pays():
     assert backend.resolve_precision("auto", flags={"avx2", "fma"}, gpu=False) == "float32"
     assert backend.resolve_precision("auto", flags={"avx512_bf16"}, gpu=False) == \
