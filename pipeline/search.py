@@ -322,33 +322,29 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                       f"{DEFAULT_STORAGE} at the project root")
 
 
-def make_pruner(settings: SearchConfig) -> optuna.pruners.BasePruner:
+def pruner_spec(settings: SearchConfig) -> tuple[str, dict[str, Any]]:
+    """The `optuna.pruners` class that `settings.pruner` names, and its arguments: the one
+    home of both what the search builds and what it records on the MLflow parent run."""
     if settings.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials,
-                                           n_warmup_steps=settings.warmup_epochs)
+        return "MedianPruner", {"n_startup_trials": settings.startup_trials,
+                                "n_warmup_steps": settings.warmup_epochs}
     if settings.pruner == "hyperband":  # epochs from 1 to those of the first completed trial
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto")
+        return "HyperbandPruner", {"min_resource": 1, "max_resource": "auto"}
     if settings.pruner == "successive_halving":  # ASHA: rungs at w, 3w, 9w... epochs
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=first_rung(settings), reduction_factor=3)
-    return optuna.pruners.NopPruner()
+        return "SuccessiveHalvingPruner", {"min_resource": max(1, settings.warmup_epochs),
+                                           "reduction_factor": 3}
+    return "NopPruner", {}
 
 
-def first_rung(settings: SearchConfig) -> int:
-    """The epochs after which successive halving first compares trials: `warmup_epochs`, and
-    at least one."""
-    return max(1, settings.warmup_epochs)
+def make_pruner(settings: SearchConfig) -> optuna.pruners.BasePruner:
+    name, kwargs = pruner_spec(settings)
+    return getattr(optuna.pruners, name)(**kwargs)
 
 
 def describe_pruner(settings: SearchConfig) -> str:
-    if settings.pruner == "median":
-        return (f"MedianPruner(n_startup_trials={settings.startup_trials}, "
-                f"n_warmup_steps={settings.warmup_epochs})")
-    if settings.pruner == "hyperband":
-        return "HyperbandPruner(min_resource=1, max_resource=auto)"
-    if settings.pruner == "successive_halving":
-        return f"SuccessiveHalvingPruner(min_resource={first_rung(settings)}, reduction_factor=3)"
-    return "NopPruner"
+    name, kwargs = pruner_spec(settings)
+    arguments = ", ".join(f"{key}={value}" for key, value in kwargs.items())
+    return f"{name}({arguments})" if kwargs else name
 
 
 def check_study(study: optuna.Study, space: SearchSpace) -> None:
