@@ -104,6 +104,7 @@ class SearchConfig:
     pruner: str = MISSING  # none | median | hyperband | successive_halving
     startup_trials: int = MISSING  # median: trials that complete before any is pruned
     warmup_epochs: int = MISSING  # median, successive_halving: epochs before any pruning
+    reduction_factor: int = MISSING  # successive_halving, hyperband: 1 in this many go on
     sampler_seed: int = MISSING
     n_jobs: int = MISSING  # search processes on this machine, sharing the study
 
@@ -120,6 +121,8 @@ class SearchConfig:
                  "must be >= 0", "5")
         _require(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs,
                  "must be >= 0", "1")
+        _require(self.reduction_factor >= 2, "reduction_factor", self.reduction_factor,
+                 "must be >= 2 (the best 1 in that many trials at a rung go on)", "3")
         _require(self.n_jobs >= 1, "n_jobs", self.n_jobs,
                  "must be a positive number of search processes", "2")
 
@@ -329,10 +332,11 @@ def pruner_spec(settings: SearchConfig) -> tuple[str, dict[str, Any]]:
         return "MedianPruner", {"n_startup_trials": settings.startup_trials,
                                 "n_warmup_steps": settings.warmup_epochs}
     if settings.pruner == "hyperband":  # epochs from 1 to those of the first completed trial
-        return "HyperbandPruner", {"min_resource": 1, "max_resource": "auto"}
-    if settings.pruner == "successive_halving":  # ASHA: rungs at w, 3w, 9w... epochs
+        return "HyperbandPruner", {"min_resource": 1, "max_resource": "auto",
+                                   "reduction_factor": settings.reduction_factor}
+    if settings.pruner == "successive_halving":  # ASHA: rungs at w, rw, r²w... epochs
         return "SuccessiveHalvingPruner", {"min_resource": max(1, settings.warmup_epochs),
-                                           "reduction_factor": 3}
+                                           "reduction_factor": settings.reduction_factor}
     return "NopPruner", {}
 
 

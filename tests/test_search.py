@@ -99,8 +99,30 @@ def test_successive_halving_compares_trials_first_after_the_warmup_epochs(warmup
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("factor,goes_on", [(2, True), (4, False)])
+def test_the_reduction_factor_sets_the_share_of_trials_that_go_on_past_a_rung(factor, goes_on):
+    import optuna
+
+    from pipeline.search import describe_pruner, make_pruner, read_settings
+
+    raw = compose_config(["hparams_search=optuna", "hparams_search.pruner=successive_halving",
+                          f"hparams_search.reduction_factor={factor}"], sweep=True)
+    settings = read_settings(raw["hparams_search"])
+    assert describe_pruner(settings).endswith(f"reduction_factor={factor})")
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(settings))
+    for value in (0.9, 0.8, 0.7):
+        trial = study.ask()
+        trial.report(value, 1)
+        assert trial.should_prune() == (value != 0.9)  # the first is alone; then the best only
+        study.tell(trial, value)
+    second = study.ask()  # second best of four at the first rung: in the best half, not quarter
+    second.report(0.85, 1)
+    assert second.should_prune() is not goes_on
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("key,value", [("n_trials", 0), ("pruner", "mean"), ("timeout", -1),
-                                       ("study_name", "my study")])
+                                       ("study_name", "my study"), ("reduction_factor", 1)])
 def test_bad_search_settings_fail_in_one_line(key, value):
     from pipeline.search import read_settings
 
