@@ -63,7 +63,7 @@ def _build(cfg: ModelConfig, meta: dict, augment: AugmentConfig | None) -> keras
         meta["input_shape"], meta["num_classes"],
         pixel_mean=meta["pixel_mean"], pixel_std=meta["pixel_std"],
         pad_input=cfg.pad_input, filters=cfg.filters, kernel_size=cfg.kernel_size,
-        convs_per_block=cfg.convs_per_block, padding=cfg.padding, pooling=cfg.pooling,
+        convs_per_block=cfg.block_convs(), padding=cfg.padding, pooling=cfg.pooling,
         batch_norm=cfg.batch_norm, activation=cfg.activation, dense_units=cfg.dense_units,
         dropout=cfg.dropout, head=cfg.head, augment=augment_args, name=cfg.name)
 

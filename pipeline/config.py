@@ -189,7 +189,7 @@ class CnnConfig(ModelConfig):
     pad_input: int = MISSING  # zero padding around the input image (LeNet-5 pads 28x28 to 32x32)
     filters: list[int] = MISSING  # one conv block per entry
     kernel_size: int = MISSING
-    convs_per_block: int = MISSING
+    convs_per_block: Any = MISSING  # convs in each block: one count for all, or one per block
     padding: str = MISSING
     pooling: str = MISSING
     batch_norm: bool = MISSING
@@ -205,8 +205,14 @@ class CnnConfig(ModelConfig):
                  "every block needs a positive number of filters", "[32,64]")
         _require(self.kernel_size > 0, "model.kernel_size", self.kernel_size,
                  "must be positive", "3")
-        _require(self.convs_per_block > 0, "model.convs_per_block", self.convs_per_block,
-                 "must be positive", "1")
+        counts = self.convs_per_block
+        if isinstance(counts, list):
+            _require(len(counts) == len(self.filters), "model.convs_per_block", counts,
+                     f"give one count per block of model.filters={list(self.filters)!r}, or "
+                     "one count for every block", str([2] * len(self.filters)).replace(" ", ""))
+        _require(all(isinstance(c, int) and not isinstance(c, bool) and c > 0
+                     for c in self.block_convs()), "model.convs_per_block", counts,
+                 "every block needs a positive whole number of convs", "2")
         _require(self.padding in ("same", "valid"), "model.padding", self.padding,
                  "choose same or valid", "same")
         _require(self.pooling in ("max", "avg"), "model.pooling", self.pooling,
@@ -214,6 +220,11 @@ class CnnConfig(ModelConfig):
         _require(self.activation in ACTIVATIONS, "model.activation", self.activation,
                  f"choose one of {', '.join(ACTIVATIONS)}", "relu")
         _check_head(self.dense_units, self.dropout, self.head)
+
+    def block_convs(self) -> list[int]:
+        """The number of convs in each block, one entry per entry of `filters`."""
+        counts = self.convs_per_block
+        return list(counts) if isinstance(counts, list) else [counts] * len(self.filters)
 
 
 @dataclass
@@ -569,11 +580,11 @@ class Config:
 MAX_SEED = 2**32 - 1
 
 
-def _block_output(size: int, model: CnnConfig) -> int:
-    """The height (or width) after one conv block of `build_model`: `convs_per_block` convs
-    (a `valid` conv trims kernel_size - 1, a `same` one keeps the size), then a 2x2 pooling
-    with stride 2 (floor(size / 2)); 0 where a layer would get an empty input."""
-    for _ in range(model.convs_per_block):
+def _block_output(size: int, convs: int, model: CnnConfig) -> int:
+    """The height (or width) after one conv block of `build_model`: `convs` convs (a `valid`
+    conv trims kernel_size - 1, a `same` one keeps the size), then a 2x2 pooling with stride 2
+    (floor(size / 2)); 0 where a layer would get an empty input."""
+    for _ in range(convs):
         if model.padding == "valid":
             size -= model.kernel_size - 1
         if size < 1:
@@ -594,9 +605,11 @@ def check_model_fits(model: CnnConfig, input_shape: Sequence[int]) -> None:
     height, width = (int(s) for s in input_shape[:2])
     image = f"{height}x{width}"
     h, w = height + 2 * model.pad_input, width + 2 * model.pad_input
+    counts = model.block_convs() or [1]
     fits = 0
     while True:  # ends: each block at least halves the size
-        h, w = _block_output(h, model), _block_output(w, model)
+        convs = counts[min(fits, len(counts) - 1)]  # past the last block: as many as the last
+        h, w = _block_output(h, convs, model), _block_output(w, convs, model)
         if h < 1 or w < 1:
             break
         fits += 1

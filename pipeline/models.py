@@ -29,7 +29,7 @@ def build_model(
     pad_input: int = 0,
     filters: Sequence[int] = (32, 64),
     kernel_size: int = 3,
-    convs_per_block: int = 1,
+    convs_per_block: int | Sequence[int] = 1,
     padding: str = "same",
     pooling: str = "max",
     batch_norm: bool = True,
@@ -45,8 +45,14 @@ def build_model(
 
     The scaling layer standardises raw 0..255 pixels with the training set's mean and std (in
     0..1 units), so the model takes raw images. Augmentation layers act only in training. The
-    output is computed in float32 under mixed precision.
+    output is computed in float32 under mixed precision. `convs_per_block`: the number of
+    convs in every block, or one number per entry of `filters`.
     """
+    counts = ([convs_per_block] * len(filters) if isinstance(convs_per_block, int)
+              else list(convs_per_block))
+    if len(counts) != len(filters):
+        raise ValueError(f"convs_per_block={convs_per_block!r}: one count per block of "
+                         f"filters={list(filters)!r}")
     out_units, activation_out = output_head(head, num_classes)
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     x = augmentation(inputs, **(augment or {}))
@@ -54,8 +60,8 @@ def build_model(
     x = layers.Rescaling(scale, offset=-pixel_mean / pixel_std, name="standardize")(x)
     if pad_input:
         x = layers.ZeroPadding2D(pad_input, name="pad")(x)
-    for b, width in enumerate(filters, start=1):
-        for c in range(1, convs_per_block + 1):
+    for b, (width, convs) in enumerate(zip(filters, counts, strict=True), start=1):
+        for c in range(1, convs + 1):
             x = layers.Conv2D(width, kernel_size, padding=padding, use_bias=not batch_norm,
                               name=f"block{b}_conv{c}")(x)
             if batch_norm:

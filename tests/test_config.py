@@ -328,6 +328,42 @@ def test_model_depth_message_names_the_key_the_size_and_the_fix():
                               "images, or larger images")
 
 
+@pytest.mark.parametrize("counts,fits", [([2, 1], True), ([1, 2], False)])
+def test_model_depth_check_follows_the_convs_of_each_block(counts, fits):
+    """Three valid 3x3 convs in two blocks on 12x12: 12>10>8>4 4>2>1 fits; 12>10>5 5>3>1>0
+    does not. The check agrees with the Keras model either way."""
+    from pipeline.models import build_model
+
+    cfg = dataclasses.replace(compose("model.padding=valid").model, filters=[4, 4],
+                              convs_per_block=counts)
+    if fits:
+        check_model_fits(cfg, [12, 12, 1])
+        model = build_model([12, 12, 1], 10, filters=[4, 4], convs_per_block=counts,
+                            padding="valid", batch_norm=False, dense_units=[])
+        assert model.get_layer("flatten").input.shape[1:3] == (1, 1)
+    else:
+        with pytest.raises(ConfigError, match=r"^model.filters=\[4, 4\]: 2 conv blocks shrink "
+                           r"a 12x12 input to 0x0 after block 2; use at most 1 block "):
+            check_model_fits(cfg, [12, 12, 1])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.convs_per_block=[2,1,1]", "model.convs_per_block=[2, 1, 1]: give one count per "
+     "block of model.filters=[32, 64], or one count for every block; for example "
+     "model.convs_per_block=[2,2]"),
+    ("model.convs_per_block=[2,0]", "model.convs_per_block=[2, 0]: every block needs a "
+     "positive whole number of convs; for example model.convs_per_block=2"),
+    ("model.convs_per_block=0", "model.convs_per_block=0: every block needs a positive whole "
+     "number of convs; for example model.convs_per_block=2"),
+    ("model.convs_per_block=1.5", "model.convs_per_block=1.5: every block needs a positive "
+     "whole number of convs; for example model.convs_per_block=2"),
+])
+def test_bad_convs_per_block_is_refused_in_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        compose(override)
+    assert str(err.value) == message
+
+
 def test_model_depth_is_checked_at_validation_when_the_image_size_is_in_the_config():
     folder = ["data=image_folder", "data.image_size=[28,28]"]
     compose(*folder, "model.filters=[8,8,8,8]")

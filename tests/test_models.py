@@ -52,6 +52,18 @@ def test_every_model_builds_and_predicts(name):
     assert sum(row["params"] for row in report["layers"]) == report["total_params"]
 
 
+def test_convs_per_block_takes_one_count_per_block():
+    """[2, 1]: two convs in the first block, one in the second; an int means every block."""
+    model = model_from_config(compose("model.convs_per_block=[2,1]").model, META)
+    convs = [layer.name for layer in model.layers if layer.name.startswith("block")
+             and "_conv" in layer.name]
+    assert convs == ["block1_conv1", "block1_conv2", "block2_conv1"]
+    rows = params_by_layer(model)
+    assert rows["block2_conv1"]["params"] == 3 * 3 * 32 * 64  # no bias under BatchNorm
+    default = model_from_config(compose().model, META)
+    assert model.count_params() == default.count_params() - 3 * 3 * 64 * 64 - 4 * 64
+
+
 def test_lenet5_is_the_classic_architecture():
     model = model_from_config(compose("model=lenet5").model, META)
     rows = params_by_layer(model)
