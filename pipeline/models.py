@@ -60,7 +60,7 @@ def build_model(
     x = layers.Rescaling(scale, offset=-pixel_mean / pixel_std, name="standardize")(x)
     if pad_input:
         x = layers.ZeroPadding2D(pad_input, name="pad")(x)
-    for b, (width, convs) in enumerate(zip(filters, counts, strict=True), start=1):
+    for b, (width, convs) in enumerate(zip(filters, counts), start=1):
         for c in range(1, convs + 1):
             x = layers.Conv2D(width, kernel_size, padding=padding, use_bias=not batch_norm,
                               name=f"block{b}_conv{c}")(x)
